@@ -1,0 +1,105 @@
+"""The typed config layer: composition, overrides, and errors that name the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dimsum.config import ConfigError
+from launch.config import ExperimentConfig, dump_config, load_config
+
+
+@pytest.fixture()
+def experiment_yaml(tmp_path: Path) -> Path:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "small.yaml").write_text("name: DiMSUM-debug\ninput_size: 16\n")
+    (tmp_path / "base.yaml").write_text("seed: 7\ntrain:\n  lr: 0.001\n  global_batch: 8\n")
+    (tmp_path / "exp.yaml").write_text(
+        "defaults:\n  - base\n  - model: small\nname: exp\ntrain:\n  global_batch: 16\n"
+    )
+    return tmp_path / "exp.yaml"
+
+
+def test_defaults_compose_in_order_and_file_wins(experiment_yaml: Path) -> None:
+    cfg = load_config(experiment_yaml)
+    assert cfg.seed == 7 and cfg.name == "exp"
+    assert cfg.train.lr == 0.001 and cfg.train.global_batch == 16
+    assert cfg.model.name == "DiMSUM-debug" and cfg.model.input_size == 16
+
+
+def test_model_fields_start_from_the_registry_entry(experiment_yaml: Path) -> None:
+    cfg = load_config(experiment_yaml, ["model.name=DiMSUM-L/2", "model.depth=4"])
+    assert (cfg.model.hidden_size, cfg.model.depth, cfg.model.family) == (1024, 4, "dimsum")
+
+
+def test_overrides_parse_yaml_scalars(experiment_yaml: Path) -> None:
+    cfg = load_config(experiment_yaml, ["train.lr=3e-4", "deepspeed.zero_stage=3", "tracking.uri=null"])
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.deepspeed.zero_stage == 3 and cfg.tracking.uri is None
+
+
+def test_resolved_config_round_trips(experiment_yaml: Path, tmp_path: Path) -> None:
+    cfg = load_config(experiment_yaml, ["model.depth=8"])
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(dump_config(cfg))
+    assert load_config(saved) == cfg
+    assert ExperimentConfig.from_dict(yaml.safe_load(saved.read_text())) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "path", "words"),
+    [
+        ("model.depth=-1", "model.depth", "positive"),
+        ("model.nme=x", "model.nme", "did you mean 'name'"),
+        ("train.global_batch=abc", "train.global_batch", "expected int"),
+        ("train.lr=true", "train.lr", "expected float"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage", "one of 1, 2, 3"),
+        ("model.name=DiMSUM-XXL", "model.name", "registered model"),
+        ("train.keep_last=1", "train.keep_last", ">= 2"),
+        ("nosuchsection.x=1", "nosuchsection", "unknown key"),
+    ],
+)
+def test_bad_values_name_the_dotted_field(experiment_yaml: Path, override: str, path: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(experiment_yaml, [override])
+    assert info.value.path == path
+    assert words in str(info.value)
+
+
+def test_missing_file_and_bad_yaml_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="existing YAML"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("override", ["model.depth=-1", "model.nme=x", "train.global_batch=abc"])
+def test_cli_rejects_bad_override_with_one_line(experiment_yaml: Path, override: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "config", "show", str(experiment_yaml), override],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and override.split("=")[0] in lines[0], proc.stderr
+
+
+def test_cli_shows_and_saves_resolved_config(experiment_yaml: Path, tmp_path: Path) -> None:
+    out = tmp_path / "saved.yaml"
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "config", "show", str(experiment_yaml),
+                           "train.max_steps=5", "--save", str(out)], capture_output=True, text=True, check=True)
+    assert yaml.safe_load(proc.stdout)["train"]["max_steps"] == 5
+    assert load_config(out).train.max_steps == 5
+
+
+def test_cli_help_lists_every_registered_command() -> None:
+    from launch.cli import COMMANDS
+
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "--help"], capture_output=True, text=True, check=True)
+    assert all(name in proc.stdout for name in COMMANDS)
+    for name in COMMANDS:
+        sub = subprocess.run([sys.executable, "-m", "launch.cli", name, "--help"], capture_output=True, text=True,
+                             check=False)
+        assert sub.returncode == 0 and f"dimsum {name}" in sub.stdout, sub.stderr

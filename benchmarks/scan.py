@@ -1,21 +1,25 @@
-"""Forward+backward speed and accuracy of the torch selective-scan backend against the sequential loop.
+"""Speed and accuracy of the torch selective-scan backend against the sequential loop.
 
-Both are timed in the same run, interleaved (warm-up, then the median of the repeats), and both are
-compared with a float64 run of the sequential loop. Inputs follow a freshly initialised Mamba-1
-(A = -(1..N), dt from [1e-3, 0.1] through softplus), with z, D, delta_bias and a random h0.
+All candidates are timed in the same run, interleaved (warm-up, then the median of the repeats), forward
++backward and forward alone (no grad), and compared with a float64 run of the sequential loop. Inputs
+follow a freshly initialised Mamba-1 (A = -(1..N), dt from [1e-3, 0.1] through softplus), with z, D,
+delta_bias and a random h0. The load average is printed because the machine may be shared.
 
     python benchmarks/scan.py            # B=2, D=1024, L=256, N=16 (goal: >= 5x, max abs err <= 1e-5)
     python benchmarks/scan.py --quick    # tiny smoke run
+    python benchmarks/scan.py --ref-form # also mamba-ssm's selective_scan_ref form (slow: tens of seconds)
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from dimsum.scan import selective_scan, sequential_scan
 
@@ -36,6 +40,20 @@ def make_inputs(batch: int, dim: int, length: int, state: int, seed: int = 0) ->
     }
 
 
+def ref_form_scan(u, delta, A, B, C, *, D, z, delta_bias, delta_softplus, h0):
+    """The loop as mamba-ssm's selective_scan_ref writes it: exp(delta A) and delta B u are built for all
+    steps first and sliced per step, so autograd scatters each step's gradient into full-size buffers."""
+    delta = delta + delta_bias[..., None]
+    delta = F.softplus(delta) if delta_softplus else delta
+    delta_a = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    delta_b_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    h, ys = h0, []
+    for i in range(u.shape[2]):
+        h = delta_a[:, :, i] * h + delta_b_u[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, i]))
+    return (torch.stack(ys, dim=2) + u * D[:, None]) * F.silu(z)
+
+
 def forward_backward(fn, inputs: dict[str, torch.Tensor], grad_out: torch.Tensor):
     """y and the gradients of <y, grad_out> w.r.t. every input; the inputs are fresh leaves per call."""
     for v in inputs.values():
@@ -53,43 +71,54 @@ def max_errors(result, reference) -> tuple[float, float]:
     """Max abs error of y, and the largest max-abs gradient error relative to that gradient's max-abs."""
     (y, grads), (y_ref, grads_ref) = result, reference
     y_err = (y.double() - y_ref).abs().max().item()
-    g_err = max(((grads[k].double() - grads_ref[k]).abs().max() / grads_ref[k].abs().max()).item() for k in grads)
+    g_err = max(((grads[k].double() - grads_ref[k]).abs().max() / grads_ref[k].abs().max()).item()
+                for k in grads)
     return y_err, g_err
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, runs in a second or two")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ref-form", action="store_true",
+                        help="also time the loop as mamba-ssm's selective_scan_ref writes it (slow)")
     args = parser.parse_args()
     batch, dim, length, state = (2, 64, 64, 16) if args.quick else (2, 1024, 256, 16)
     repeats = 3 if args.quick else args.repeats
 
     inputs = make_inputs(batch, dim, length, state)
     grad_out = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(1))
-    candidates = {
-        "sequential": sequential_scan,
-        "torch": lambda **kw: selective_scan(**kw, backend="torch"),
-    }
+    candidates = {"sequential": sequential_scan, "torch": lambda **kw: selective_scan(**kw, backend="torch")}
+    if args.ref_form:
+        candidates["ref-form"] = ref_form_scan
     print(f"B={batch} D={dim} L={length} N={state} fp32, torch {torch.__version__}, "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
 
     leaves = as_leaves(inputs, torch.float32)
     results = {name: forward_backward(fn, leaves, grad_out) for name, fn in candidates.items()}  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in candidates}
+    times: dict[str, dict[str, list[float]]] = {name: {"fwd+bwd": [], "fwd": []} for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
             start = time.perf_counter()
             forward_backward(fn, leaves, grad_out)
-            times[name].append(time.perf_counter() - start)
+            times[name]["fwd+bwd"].append(time.perf_counter() - start)
+            with torch.no_grad():
+                start = time.perf_counter()
+                fn(**leaves, delta_softplus=True)
+                times[name]["fwd"].append(time.perf_counter() - start)
 
     reference = forward_backward(sequential_scan, as_leaves(inputs, torch.float64), grad_out.double())
-    for name in candidates:
+    median = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    for name, m in median.items():
         y_err, g_err = max_errors(results[name], reference)
-        print(f"{name:>10}: median {statistics.median(times[name]) * 1e3:8.1f} ms   "
-              f"max|y - y64| {y_err:.2e}   max rel grad err {g_err:.2e}")
-    ratio = statistics.median(times["sequential"]) / statistics.median(times["torch"])
-    print(f"speed-up torch vs sequential: {ratio:.1f}x")
+        print(f"{name:>10}: fwd+bwd {m['fwd+bwd'] * 1e3:8.1f} ms   fwd {m['fwd'] * 1e3:7.1f} ms"
+              f"   max|y - y64| {y_err:.2e}   max rel grad err {g_err:.2e}")
+    ours = median["torch"]
+    for base in [name for name in candidates if name != "torch"]:
+        print(f"speed-up torch vs {base}: fwd+bwd {median[base]['fwd+bwd'] / ours['fwd+bwd']:.1f}x, "
+              f"fwd {median[base]['fwd'] / ours['fwd']:.1f}x")
+    print(f"load average after the run {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,32 @@ from dimsum.config import Config
 
 @dataclasses.dataclass
 class DataConfig(Config):
-    """Streaming-loader settings. ``shards`` is a directory holding ``manifest.json`` and its tar shards."""
+    """Streaming-loader settings. ``shards`` is a directory holding ``manifest.json`` and its tar shards.
+
+    ``streams`` is the number of independent sample streams per rank (0: one per worker, at least one).
+    The batch sequence depends on it, not on ``num_workers``: set it explicitly (a multiple of every
+    ``num_workers`` you may use) to keep the same data order when the worker count changes on resume.
+    """
 
     shards: str = "checkpoints/demo/shards"
     num_workers: int = 2
+    streams: int = 0
     resampled: bool = True
     on_error: Literal["raise", "skip"] = "raise"
     random_flip: bool = True
+    prefetch_factor: int = 2
 
     def validate(self) -> None:
         self.check(bool(self.shards), "shards", "expected a shard directory")
         self.check(self.num_workers >= 0, "num_workers", "expected >= 0")
+        self.check(self.streams >= 0, "streams", "expected >= 0 (0 means one stream per worker)")
+        self.check(self.prefetch_factor >= 1, "prefetch_factor", "expected >= 1")
+        if self.streams and self.num_workers:
+            self.check(self.streams % self.num_workers == 0, "streams",
+                       f"expected a multiple of num_workers={self.num_workers} "
+                       "(each worker owns whole streams)")
+
+    @property
+    def num_streams(self) -> int:
+        """The effective stream count (resolves the 0 default)."""
+        return self.streams or max(1, self.num_workers)

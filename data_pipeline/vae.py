@@ -18,17 +18,18 @@ class VAEError(RuntimeError):
 
 
 def load_vae(source: str, device: str | torch.device = "cpu") -> AutoencoderKL:
-    """``source`` is a local diffusers directory (with config.json) or a hub id like ``stabilityai/sd-vae-ft-ema``."""
+    """Load ``source``: a local diffusers directory or a hub id (``stabilityai/sd-vae-ft-ema``)."""
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith((".", "/", "~"))
     if looks_local and not (path / "config.json").is_file():
         raise VAEError(f"VAE path {str(path)!r} is not a diffusers AutoencoderKL directory "
                        "(expected config.json and the weights inside it)")
     try:
-        vae = AutoencoderKL.from_pretrained(str(path) if looks_local else source)
+        vae = AutoencoderKL.from_pretrained(str(path) if looks_local else source, low_cpu_mem_usage=False)
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = (" The hub is unreachable (HF_HUB_OFFLINE is set): download the VAE elsewhere and pass its "
-                "local directory instead." if offline else " Pass a local directory if the hub is unreachable.")
+                "local directory instead." if offline
+                else " Pass a local directory if the hub is unreachable.")
         raise VAEError(f"could not load VAE {source!r}: {err}.{hint}") from err
     return vae.to(device).eval().requires_grad_(False)

@@ -69,11 +69,6 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads exponents without a dot ("1e-4") as strings
-            return float(value)
-        except ValueError:
-            raise ConfigError(path, value, "expected float") from None
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(path, value, f"expected {tp.__name__}")
     if isinstance(tp, type) and not isinstance(value, tp):

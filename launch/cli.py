@@ -16,6 +16,14 @@ from dimsum.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("launch.commands.models", "list the model registry with parameter counts and GFLOPs"),
     "config": ("launch.commands.config", "show or save a resolved experiment config"),
+    "prepare": ("data_pipeline.prepare", "images to SD-VAE latent shards (--demo digits: pixel shards)"),
+    "data": ("data_pipeline.verify", "'data verify SHARDS_DIR': check every shard against its manifest"),
+    "sample": ("launch.sample", "images or latents from a model (exported, released or a run), with CFG"),
+    "eval": ("launch.evaluate", "'eval fid SAMPLES --ref REF': FID against cached reference statistics"),
+    "train": ("launch.trainer", "train or auto-resume an experiment (DeepSpeed ZeRO, a process per device)"),
+    "export": ("launch.export", "a run's EMA (or --raw) weights as one safetensors file + config YAML"),
+    "submit": ("launch.submit", "submit a training run to SLURM through submitit (validated before submission)"),
+    "demo": ("launch.demo", "the CPU demo: digits shards, 2-rank DeepSpeed training, EMA grid, MLflow"),
 }
 
 

@@ -9,6 +9,7 @@ A YAML file may start with ``defaults:``, a list of other files merged first, in
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from dimsum.registry import ModelConfig
 
 @dataclasses.dataclass
 class TrainConfig(Config):
-    """Optimisation, objective, schedule of logs/checkpoints, and the run's health limits."""
+    """Optimisation, objective, schedule of logs/checkpoints/sample grids, and the run's health limits."""
 
     global_batch: int = 32
     micro_batch: int = 0  # per rank and step; 0 means global_batch / world_size (no accumulation)
@@ -40,11 +41,16 @@ class TrainConfig(Config):
     ckpt_every: int = 500
     keep_last: int = 2
     milestone_every: int = 0
-    sample_every: int = 0
+    resume: bool = True  # continue from the newest complete checkpoint of the run directory
+    sample_every: int = 0  # EMA sample grid from every checkpoint whose step is a multiple (0: never)
+    sample_count: int = 64
+    sample_steps: int = 50  # Euler steps of the grid's ODE sampler
+    sample_cfg_scale: float = 4.0
     max_nonfinite: int = 5
 
     def validate(self) -> None:
-        for field in ("global_batch", "max_steps", "log_every", "ckpt_every", "max_nonfinite"):
+        for field in ("global_batch", "max_steps", "log_every", "ckpt_every", "max_nonfinite", "sample_count",
+                      "sample_steps"):
             self.check(getattr(self, field) > 0, field, "expected a positive integer")
         for field in ("micro_batch", "warmup_steps", "milestone_every", "sample_every"):
             self.check(getattr(self, field) >= 0, field, "expected >= 0")
@@ -53,6 +59,9 @@ class TrainConfig(Config):
         self.check(self.grad_clip >= 0, "grad_clip", "expected >= 0 (0 disables clipping)")
         self.check(0.0 <= self.ema_decay < 1.0, "ema_decay", "expected 0 <= decay < 1")
         self.check(self.keep_last >= 2, "keep_last", "expected >= 2 (a newer checkpoint may be half-written)")
+        self.check(self.sample_every % self.ckpt_every == 0, "sample_every",
+                   f"expected a multiple of ckpt_every={self.ckpt_every} (grids are made from checkpoints)")
+        self.check(self.sample_cfg_scale >= 1.0, "sample_cfg_scale", "expected >= 1 (1 disables guidance)")
 
 
 @dataclasses.dataclass
@@ -65,11 +74,17 @@ class DeepSpeedConfig(Config):
 
 @dataclasses.dataclass
 class TrackingConfig(Config):
-    """MLflow. ``uri: null`` means an embedded sqlite store inside the experiment directory."""
+    """MLflow. ``uri: null`` means an embedded sqlite store inside the run directory (or the
+    ``MLFLOW_TRACKING_URI`` environment variable when set)."""
 
     enabled: bool = True
     uri: str | None = None
     experiment: str = "dimsum"
+    flush_timeout: float = 30.0  # seconds to deliver the backlog at the end before giving up
+
+    def validate(self) -> None:
+        self.check(bool(self.experiment), "experiment", "expected a non-empty MLflow experiment name")
+        self.check(self.flush_timeout >= 0, "flush_timeout", "expected >= 0 seconds")
 
 
 @dataclasses.dataclass
@@ -113,9 +128,33 @@ class ExperimentConfig(Config):
         return Path(self.output_root) / self.name
 
 
+class _YAML12Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1: ``72:00:00`` becomes the integer 259200 and ``1e-4`` a string.
+    Configs are YAML 1.2 in spirit: a SLURM time stays text and an exponent is a float."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAML12Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(0|[1-9][0-9_]*)$"), list("-+0123456789"))
+_YAML12Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^[-+]?([0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)([eE][-+]?[0-9]+)?$"
+               r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML with 1.2 number rules (see :class:`_YAML12Loader`)."""
+    return yaml.load(text, Loader=_YAML12Loader)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError("config", str(path), "expected an existing YAML file") from None
     except yaml.YAMLError as err:
@@ -162,7 +201,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError("override", item, "expected key.path=value")
-        value = yaml.safe_load(raw) if raw else ""
+        value = parse_yaml(raw) if raw else ""
         patch: Any = value
         for part in reversed(key.split(".")):
             patch = {part: patch}

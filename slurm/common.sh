@@ -9,7 +9,7 @@
 #
 # Knobs (environment at submission time; sbatch exports it to the job):
 #   DIMSUM_OVERRIDES     extra dotted overrides, space separated, placed before the command-line ones
-#   DIMSUM_TRAIN_CMD     command that gets `--config <yaml> <overrides...>` (default: `dimsum train`)
+#   DIMSUM_TRAIN_CMD     command that gets `<config.yaml> <overrides...>` (default: `dimsum train`)
 #   DIMSUM_ROOT          repository root (default: the submission directory)
 #   DIMSUM_LOG_DIR       task logs, one file per job and restart (default: $DIMSUM_ROOT/slurm/logs)
 #   DIMSUM_MAX_REQUEUES  stop requeueing after this many restarts (default: 20)
@@ -18,8 +18,8 @@ DIMSUM_REQUEUE_EXIT_CODE=75  # launch.preemption.REQUEUE_EXIT_CODE
 
 log() { echo "[dimsum $(date +%H:%M:%S)] $*"; }
 
-# 20000 + job id mod 10000: below the Linux ephemeral range, and launch/submit.py:master_port() agrees.
-dimsum_master_port() { echo $((20000 + SLURM_JOB_ID % 10000)); }
+# Must agree with launch.distributed.slurm_master_port (the submitit path and tests use that one).
+dimsum_master_port() { echo $((15000 + SLURM_JOB_ID % 20000)); }
 
 # The first allocated node's NodeAddr: on clusters it is the host name, on the local test cluster 127.0.0.1.
 dimsum_master_addr() {
@@ -34,7 +34,10 @@ dimsum_launch() {
     shift
     local root=${DIMSUM_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
     cd "$root" || { log "ERROR: DIMSUM_ROOT '$root' is not a directory"; return 2; }
-    [[ -f $config ]] || { log "ERROR: config '$config' not found under $root (submit from the repo root or set DIMSUM_ROOT)"; return 2; }
+    if [[ ! -f $config ]]; then
+        log "ERROR: config '$config' not found under $root (submit from the repo root or set DIMSUM_ROOT)"
+        return 2
+    fi
     if [[ -z ${VIRTUAL_ENV:-} && -f .venv/bin/activate ]]; then
         # shellcheck disable=SC1091
         source .venv/bin/activate
@@ -62,9 +65,9 @@ dimsum_launch() {
         "master $MASTER_ADDR:$MASTER_PORT, config $config, task log $task_log"
 
     # shellcheck disable=SC2016  # expanded by each task, not here
-    srun --label --output="$task_log" bash -c \
-        'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' dimsum-task \
-        "${train_cmd[@]}" --config "$config" "${env_overrides[@]}" "$@" &
+    local set_ranks='export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS'
+    srun --label --output="$task_log" bash -c "$set_ranks"'; exec "$@"' dimsum-task \
+        "${train_cmd[@]}" "$config" "${env_overrides[@]}" "$@" &
     local srun_pid=$!
     # srun relays signals it receives to every task; USR2 is what the trainer listens for.
     trap 'log "signal received: forwarding USR2 to the tasks"; kill -USR2 '"$srun_pid"' 2>/dev/null' USR2 TERM
@@ -77,11 +80,11 @@ dimsum_launch() {
 
     if ((rc == DIMSUM_REQUEUE_EXIT_CODE)); then
         if ((restart >= ${DIMSUM_MAX_REQUEUES:-20})); then
-            log "trainer saved and asked for a requeue, but restart $restart reached DIMSUM_MAX_REQUEUES; stopping"
+            log "trainer asked for a requeue, but restart $restart reached DIMSUM_MAX_REQUEUES; stopping"
             return "$rc"
         fi
         log "trainer saved and asked for a requeue: scontrol requeue $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID" || { log "requeue refused (job cancelled?)"; return "$rc"; }
         return 0
     fi
     log "tasks exited with code $rc"

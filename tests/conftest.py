@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests use tiny tensors, where a second thread costs more than it gives, and multi-process tests start
+# two ranks on two cores; one thread per process avoids oversubscription in both. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 

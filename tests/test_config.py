@@ -41,6 +41,11 @@ def test_overrides_parse_yaml_scalars(experiment_yaml: Path) -> None:
     assert cfg.train.lr == pytest.approx(3e-4) and cfg.deepspeed.zero_stage == 3 and cfg.tracking.uri is None
 
 
+def test_yaml_numbers_follow_yaml_1_2(experiment_yaml: Path) -> None:
+    cfg = load_config(experiment_yaml, ["train.lr=1e-4", "launch.time=24:00:00"])
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.launch.time == "24:00:00"
+
+
 def test_resolved_config_round_trips(experiment_yaml: Path, tmp_path: Path) -> None:
     cfg = load_config(experiment_yaml, ["model.depth=8"])
     saved = tmp_path / "resolved.yaml"

@@ -1,0 +1,146 @@
+"""Loader throughput: block-shard LatentLoader vs one .npy file per sample (as most DiT forks store latents).
+
+Both read the same random 4x32x32 fp16 latents (plus their flip variants) from a temp folder and deliver
+ready float32 batches of 256 with labels, including the per-sample flip choice and tensor conversion,
+through a torch DataLoader with the same number of workers. The baseline keeps labels in memory and
+reads one file per sample (holding both variants), which is cheaper than the two files per sample of
+fast-DiT, so its number is an upper bound. Each side is warmed up, then both are timed over the same
+number of batches in alternating rounds, so that both see the same load from other processes. Besides
+samples/s (wall), the CPU time of the worker processes plus the main process is reported: samples per
+CPU-second does not depend on what else runs on the machine. Goals on a 2-core machine: >= 20,000
+samples/s and >= 3x the baseline.
+
+    python benchmarks/loader.py            # 50k latents, 5 rounds x 40 batches each
+    python benchmarks/loader.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import LatentLoader
+from data_pipeline.shards import ShardWriter, new_manifest, write_json_atomic
+
+SHAPE = (4, 32, 32)
+
+
+class PerFileLatents(torch.utils.data.Dataset):
+    """The baseline: ``i.npy`` holds sample i's (2, 4, 32, 32) latent and flip; labels in memory."""
+
+    def __init__(self, folder: Path, labels: np.ndarray) -> None:
+        self.folder, self.labels = folder, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        both = np.load(self.folder / f"{i}.npy")
+        return torch.from_numpy(both[np.random.randint(2)].astype(np.float32)), int(self.labels[i])
+
+
+def build(root: Path, n: int, shard_size: int, block_size: int) -> np.ndarray:
+    """Write the same random latents in both layouts; return the labels."""
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((n, 2, *SHAPE), dtype=np.float32).astype(np.float16)
+    labels = rng.integers(1000, size=n)
+    (root / "shards").mkdir()
+    records = []
+    for index, start in enumerate(range(0, n, shard_size)):
+        rows = slice(start, start + shard_size)
+        with ShardWriter(root / "shards", index, block_size) as writer:
+            writer.add(latents[rows, 0], latents[rows, 1], labels[rows], [str(i) for i in range(n)][rows])
+            records.append(writer.close())
+    write_json_atomic(root / "shards" / "manifest.json", new_manifest(
+        shards=records, skipped=[], latent_shape=SHAPE, store="sample", num_classes=1000, label_map=None,
+        block_size=block_size, space="latents", vae="random", scaling_factor=1.0))
+    (root / "files").mkdir()
+    for i in range(n):
+        np.save(root / "files" / f"{i}.npy", latents[i])
+    return labels
+
+
+def _children() -> set[int]:
+    tasks = Path("/proc/self/task")
+    return {int(pid) for t in tasks.iterdir() for pid in (t / "children").read_text().split()}
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+class Meter:
+    """An endless batch iterator with the wall time spent waiting on it and the CPU time it used
+    (its worker processes plus the main process): CPU time does not depend on what else runs."""
+
+    def __init__(self, batches: Iterable, batch_size: int) -> None:
+        before = _children()
+        self.it, self.batch_size = iter(batches), batch_size
+        next(self.it)
+        self.workers = _children() - before
+        self.wall = self.cpu = 0.0
+        self.samples = 0
+
+    def run(self, n: int) -> None:
+        cpu = sum(map(_cpu_seconds, self.workers)) + time.process_time()
+        start = time.perf_counter()
+        for latents, labels in itertools.islice(self.it, n):
+            assert latents.shape == (self.batch_size, *SHAPE) and latents.dtype == torch.float32
+            assert labels.shape == (self.batch_size,) and labels.dtype == torch.int64
+        self.wall += time.perf_counter() - start
+        self.cpu += sum(map(_cpu_seconds, self.workers)) + time.process_time() - cpu
+        self.samples += n * self.batch_size
+
+    def report(self, name: str) -> tuple[float, float]:
+        rate, per_cpu = self.samples / self.wall, self.samples / self.cpu
+        print(f"{name:<44} {rate:>12,.0f} samples/s   {per_cpu:>12,.0f} samples per CPU-second")
+        return rate, per_cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="5k latents, 2 rounds of 10 batches")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    sizes = (5_000, 1_000, 5, 2, 10) if args.quick else (50_000, 10_000, 20, 5, 40)
+    n, shard_size, warmup, rounds, per_round = sizes
+    with tempfile.TemporaryDirectory(prefix="dimsum-loader-bench-") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        labels = build(root, n, shard_size, block_size=256)
+        print(f"built {n} latents {SHAPE} fp16 in both layouts in {time.perf_counter() - start:.1f} s")
+        cfg = DataConfig(shards=str(root / "shards"), num_workers=args.workers)
+        ours = Meter(LatentLoader(cfg, batch_size=args.batch_size, seed=0, rank=0, world_size=1),
+                     args.batch_size)
+        per_file = torch.utils.data.DataLoader(
+            PerFileLatents(root / "files", labels), batch_size=args.batch_size, shuffle=True, drop_last=True,
+            num_workers=args.workers, persistent_workers=True)
+        baseline = Meter(itertools.chain.from_iterable(itertools.repeat(per_file)), args.batch_size)
+        for meter in (ours, baseline):  # warm-up, then alternate so both see the same machine load
+            meter.run(warmup)
+            meter.wall = meter.cpu = meter.samples = 0
+        for _ in range(rounds):
+            ours.run(per_round)
+            baseline.run(per_round)
+    print(f"{rounds} x {per_round} batches of {args.batch_size} each, alternating; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    rate, per_cpu = ours.report(f"LatentLoader (block shards, {args.workers} workers)")
+    base_rate, base_per_cpu = baseline.report(f"per-file .npy Dataset ({args.workers} workers)")
+    print(f"ratio: {rate / base_rate:.1f}x samples/s, {per_cpu / base_per_cpu:.1f}x per CPU-second "
+          "(goals: >= 20,000 samples/s and >= 3x)")
+
+
+if __name__ == "__main__":
+    main()

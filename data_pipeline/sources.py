@@ -1,0 +1,136 @@
+"""Image sources for ``dimsum prepare``: an ImageNet-style class folder, a flat folder, or an LMDB.
+
+A source lists all its items up front (a sorted, reproducible list of keys with labels) and reads one
+item's encoded bytes on demand, so the list can be shuffled and split across ranks before a single image
+is decoded, and an unreadable image only surfaces (with its key) when it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Literal
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+Layout = Literal["auto", "imagenet", "flat", "lmdb"]
+
+
+class SourceError(RuntimeError):
+    """The source itself is unusable (not one bad image); the message names the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    key: str  # path relative to the source root, or the LMDB key
+    label: int
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _images_under(root: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames if _is_image(Path(f))]
+    return found
+
+
+class FolderSource:
+    """``root/CLASS/**/IMAGE`` (labelled; classes in sorted order) or ``root/**/IMAGE`` (unconditional)."""
+
+    def __init__(self, root: Path, labelled: bool) -> None:
+        self.root, self.layout = root, "imagenet" if labelled else "flat"
+        if labelled:
+            classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            if not classes:
+                raise SourceError(f"{root}: no class subfolders (the ImageNet layout is root/CLASS/image)")
+            self.label_map: dict[str, int] | None = {c: i for i, c in enumerate(classes)}
+            self.items = [Item(os.path.relpath(p, root), i) for c, i in self.label_map.items()
+                          for p in _images_under(root / c)]
+        else:
+            self.label_map = None
+            self.items = [Item(os.path.relpath(p, root), 0) for p in _images_under(root)]
+        self.items.sort(key=lambda item: item.key)
+        if not self.items:
+            raise SourceError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+
+    def read(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def where(self, key: str) -> str:
+        return str(self.root / key)
+
+
+class LMDBSource:
+    """A CelebA-HQ / LSUN style LMDB whose values are encoded images, read in key order (unconditional).
+
+    ``length`` (an item count some converters store) is not an image and is left out; ``key_prefix``
+    picks one resolution from multi-resolution LMDBs (e.g. ``256-`` for keys like ``256-00042``).
+    Keys are bytes; they are kept as latin-1 strings, which round-trip every byte value.
+    """
+
+    layout = "lmdb"
+    label_map = None
+
+    def __init__(self, path: Path, key_prefix: str = "") -> None:
+        self.path = path
+        self._env = None
+        self._pid = -1
+        prefix = key_prefix.encode("latin-1")
+        with self._open().begin() as txn:
+            keys = [k for k in txn.cursor().iternext(values=False) if k.startswith(prefix) and k != b"length"]
+        self._env.close()  # DataLoader workers fork: lmdb refuses an environment inherited from the parent
+        self._env, self._pid = None, -1
+        self.items = [Item(k.decode("latin-1"), 0) for k in keys]
+        if not self.items:
+            with_prefix = f" with prefix {key_prefix!r}" if prefix else ""
+            raise SourceError(f"{path}: LMDB holds no image keys{with_prefix}")
+
+    def _open(self):  # -> lmdb.Environment (lmdb is imported lazily: only LMDB sources need it)
+        if self._pid != os.getpid():  # an LMDB environment must not be shared across fork
+            try:
+                import lmdb
+            except ImportError as err:
+                raise SourceError("an LMDB source needs the 'lmdb' package (pip install lmdb)") from err
+            try:
+                self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
+                                      subdir=self.path.is_dir())
+            except lmdb.Error as err:
+                raise SourceError(f"{self.path}: cannot open as LMDB ({err})") from err
+            self._pid = os.getpid()
+        return self._env
+
+    def read(self, key: str) -> bytes:
+        with self._open().begin() as txn:
+            value = txn.get(key.encode("latin-1"))
+        if value is None:
+            raise OSError(f"LMDB key {key!r} has no value")
+        return bytes(value)
+
+    def where(self, key: str) -> str:
+        return f"{self.path} key {key!r}"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_env": None, "_pid": -1}
+
+
+def open_source(path: str | Path, layout: Layout = "auto", key_prefix: str = "") -> FolderSource | LMDBSource:
+    """Open ``path``; ``auto`` picks lmdb (data.mdb), flat (images at the top) or imagenet (class folders)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise SourceError(f"{root}: source does not exist")
+    if layout == "auto":
+        if (root / "data.mdb").is_file() or root.suffix == ".mdb":
+            layout = "lmdb"
+        elif not root.is_dir():
+            raise SourceError(f"{root}: expected a folder of images, a folder of class folders, or an LMDB")
+        else:
+            layout = "flat" if any(_is_image(p) for p in root.iterdir() if p.is_file()) else "imagenet"
+    if layout == "lmdb":
+        return LMDBSource(root, key_prefix)
+    if not root.is_dir():
+        raise SourceError(f"{root}: layout {layout!r} expects a folder")
+    return FolderSource(root, labelled=layout == "imagenet")

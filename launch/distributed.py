@@ -1,0 +1,152 @@
+"""Process-group set-up from whatever started us: torchrun, srun/sbatch, submitit, or nothing at all.
+
+DeepSpeed reads RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; without them it goes looking for
+mpi4py. So the variables are resolved first, in this order: already exported (torchrun, our sbatch
+scripts, submitit) > SLURM's own task variables > one process on this machine. Then they are exported,
+and only then is ``deepspeed.init_distributed`` called (never the pdsh/ssh launcher).
+
+DeepSpeed JIT-compiles a shared-memory comm op on every process start when it is not cached (30-60 s on
+CPU). :func:`extensions_dir` keeps that cache inside the virtualenv, and ``python -m launch.distributed
+--prebuild`` fills it once at install time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import sys
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+    def export(self, environ: MutableMapping[str, str] = os.environ) -> None:
+        environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
+                       MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+
+
+def _int(environ: Mapping[str, str], key: str) -> int:
+    try:
+        return int(environ[key])
+    except ValueError:
+        raise RuntimeError(f"environment variable {key}={environ[key]!r} is not an integer") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def slurm_master_port(job_id: int) -> int:
+    """A port derived from the job id, so a requeued job (same id) rendezvous on the same port."""
+    return 15000 + job_id % 20000
+
+
+def resolve_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """The process's rank and rendezvous, from launcher variables, SLURM's, or single-process defaults."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        rank, world = _int(environ, "RANK"), _int(environ, "WORLD_SIZE")
+        local = _int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        rank, world = _int(environ, "SLURM_PROCID"), _int(environ, "SLURM_NTASKS")
+        local = _int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0
+    else:
+        return DistEnv(0, 0, 1, environ.get("MASTER_ADDR", "127.0.0.1"),
+                       _int(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _free_port())
+    if not 0 <= rank < world:
+        raise RuntimeError(f"rank {rank} is outside world size {world}")
+    if world > 1 and "MASTER_ADDR" not in environ:
+        raise RuntimeError("MASTER_ADDR is not set for a multi-process job; the launcher (torchrun, "
+                           "slurm/*.sbatch, launch.submit) must export the first host's address")
+    if "MASTER_PORT" in environ:
+        port = _int(environ, "MASTER_PORT")
+    elif "SLURM_JOB_ID" in environ:
+        port = slurm_master_port(_int(environ, "SLURM_JOB_ID"))
+    elif world == 1:
+        port = _free_port()
+    else:
+        raise RuntimeError("MASTER_PORT is not set for a multi-process job outside SLURM")
+    return DistEnv(rank, local, world, environ.get("MASTER_ADDR", "127.0.0.1"), port)
+
+
+def extensions_dir() -> Path:
+    """Where torch keeps JIT-built ops: ``$TORCH_EXTENSIONS_DIR``, else a folder inside the virtualenv."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix) / "torch_extensions")
+
+
+def init_distributed(device: str) -> DistEnv:
+    """Export the resolved variables, then start the default process group (NCCL on GPU, gloo on CPU)."""
+    env = resolve_env()
+    env.export()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
+    if device == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False)
+    return env
+
+
+def all_reduce_max(values: list[float], device: str | torch.device = "cpu") -> list[float]:
+    """Element-wise max over ranks: one collective for several flags (any rank's "stop" stops all)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def all_reduce_mean(values: list[float], device: str | torch.device = "cpu") -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_true(flag: bool) -> bool:
+    """True only when every rank passed True (a collective; every rank must call it)."""
+    return all_reduce_max([float(not flag)])[0] == 0.0
+
+
+def prebuild_ops() -> Path:
+    """Compile DeepSpeed's CPU shared-memory comm op into :func:`extensions_dir` (no-op when cached)."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+    return extensions_dir()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prebuild", action="store_true", help="compile DeepSpeed's comm op into the cache")
+    args = parser.parse_args()
+    if args.prebuild:
+        print(f"DeepSpeed ops cached in {prebuild_ops()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

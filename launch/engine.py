@@ -1,0 +1,158 @@
+"""The DeepSpeed side of training: device/precision choice, the generated ds_config, ``initialize``, and
+access to the fp32 master-weight fragments this rank owns.
+
+Precision: the model and DeepSpeed stay fp32 (so the ZeRO partitions ARE fp32 master weights, never bf16
+ones) and the trainer runs forward/backward under ``torch.autocast(bfloat16)`` on GPU. The optimizer is
+torch's AdamW (``torch_adam``), so nothing is JIT-compiled on CPU.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dimsum.config import ConfigError
+from launch.config import ExperimentConfig, TrainConfig, deep_merge
+
+RESERVED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "optimizer", "gradient_clipping", "bf16", "fp16")
+
+
+def select_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", requested, "CUDA is not available on this machine; use cpu or auto")
+    return requested
+
+
+def select_precision(requested: str, device: str) -> str:
+    """bf16 autocast on GPU, fp32 on CPU unless asked (CPU bf16 autocast works but is rarely faster)."""
+    if requested == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return requested
+
+
+def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro batch per rank, gradient-accumulation steps) for ``train.global_batch`` over ``world_size``."""
+    micro = train.micro_batch or train.global_batch // world_size
+    if micro < 1 or train.global_batch % (micro * world_size):
+        field = "train.micro_batch" if train.micro_batch else "train.global_batch"
+        raise ConfigError(field, train.micro_batch or train.global_batch,
+                          f"global_batch={train.global_batch} must be a multiple of "
+                          f"micro_batch x world_size = {micro} x {world_size}")
+    return micro, train.global_batch // (micro * world_size)
+
+
+def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """The ds_config dict: batch layout, AdamW, clipping, warm-up, ZeRO stage, plus ``deepspeed.extra``."""
+    train = cfg.train
+    micro, accum = batch_layout(train, world_size)
+    clashes = [k for k in RESERVED_DS_KEYS if k in cfg.deepspeed.extra]
+    if clashes:
+        raise ConfigError(f"deepspeed.extra.{clashes[0]}", cfg.deepspeed.extra[clashes[0]],
+                          "set by the trainer from train.* (global_batch, micro_batch, lr, grad_clip, "
+                          "precision)")
+    ds: dict[str, Any] = {
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": train.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": train.weight_decay, "torch_adam": True}},
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if train.warmup_steps:
+        ds["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_num_steps": train.warmup_steps,
+            "warmup_type": "linear"}}
+    return deep_merge(ds, cfg.deepspeed.extra)
+
+
+def initialize(model: nn.Module, cfg: ExperimentConfig, world_size: int) -> Any:
+    """``deepspeed.initialize`` on ``model`` with :func:`deepspeed_config`; returns the engine."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                     if p.requires_grad],
+                                      config=deepspeed_config(cfg, world_size))
+    return engine
+
+
+def master_fragments(engine: Any) -> dict[str, tuple[int, Tensor]]:
+    """name -> (offset into the flattened parameter, view of this rank's slice of its fp32 master weight).
+
+    ZeRO-1/2 cut the flat fp32 buffer into equal rank partitions, so a parameter may be split between
+    ranks or absent from this one (``_hp_mapping`` is None). ZeRO-3 partitions each parameter into
+    ``partition_numel()`` elements per rank, the last one padded. Views are re-linked by DeepSpeed after
+    ``load_checkpoint``, so call this again after loading.
+    """
+    import torch.distributed as dist
+
+    frags: dict[str, tuple[int, Tensor]] = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen weights never change; exports take them from the model itself
+        if hasattr(param, "ds_id"):
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            size = param.partition_numel()
+            offset = dist.get_rank() * size
+            valid = max(0, min(size, param.ds_numel - offset))
+            frags[name] = (offset, safe_get_local_fp32_param(param).narrow(0, 0, valid))
+        elif getattr(param, "_hp_mapping", None) is not None:
+            mapping = param._hp_mapping
+            frags[name] = (mapping.lp_fragment_address.start, mapping.get_hp_fragment())
+    return frags
+
+
+def parameter_shapes(engine: Any) -> dict[str, list[int]]:
+    """Full shapes of every parameter, also under ZeRO-3 (where ``param.shape`` is the empty stub)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in engine.module.named_parameters()}
+
+
+def save_checkpoint(engine: Any, path: Path, client_state: dict[str, Any],
+                    before_write: Callable[[str], None] = lambda _: None) -> None:
+    """``engine.save_checkpoint`` into ``path``, raising the first ``OSError`` only AFTER DeepSpeed's own
+    collectives have run on this rank.
+
+    DeepSpeed's save has barriers between file writes. A rank whose write failed (disk full) and that
+    raised at once would leave the other ranks waiting there forever; instead its failed writes are
+    recorded and skipped, the collective sequence completes, and the caller's all-ranks vote fails the
+    checkpoint cleanly. ``before_write(file)`` is the fault-injection hook used by the tests.
+    """
+    errors: list[OSError] = []
+    write = engine.checkpoint_engine.save
+
+    def guarded(state_dict: dict, path: str) -> None:
+        if errors:
+            return
+        try:
+            before_write(path)
+            write(state_dict, path)
+        except OSError as err:
+            errors.append(err)
+
+    engine.checkpoint_engine.save = guarded
+    try:
+        engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
+    finally:
+        del engine.checkpoint_engine.save  # back to the class method
+    if errors:
+        raise errors[0]
+
+
+def disk_full(path: str) -> OSError:
+    """The error a full disk raises, for fault injection."""
+    return OSError(errno.ENOSPC, "No space left on device (injected)", path)

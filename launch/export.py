@@ -1,0 +1,138 @@
+"""``dimsum export RUN [--step N] [--raw] [--out FILE]``: one safetensors file from a run's checkpoint.
+
+The file holds our state-dict keys, fp32, with ``{"dimsum_model_config": json}`` in its metadata, and
+the run's resolved config YAML is written beside it: exactly what ``dimsum sample`` reads. The EMA is the
+default (the weights to sample with); ``--raw`` exports the trained fp32 master weights instead.
+
+Only complete checkpoints are read. Raw weights are consolidated from the ZeRO shards with DeepSpeed's
+``zero_to_fp32`` (any stage, no process group needed); the EMA from our per-rank shards, with frozen
+parameters and buffers (which the EMA does not track because they never change) taken from the raw ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dimsum.registry import ModelConfig, build_model
+from launch.checkpoint import CheckpointManager, step_name
+from launch.config import ExperimentConfig, dump_config
+from launch.resume import client_state, consolidate_ema
+
+CONFIG_METADATA_KEY = "dimsum_model_config"
+
+
+class ExportError(ValueError):
+    """The run directory or step cannot be exported; the message says which and why."""
+
+
+def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
+    """The complete checkpoint of ``step`` (default: the newest) in ``run_dir``."""
+    run_dir = Path(run_dir)
+    manager = CheckpointManager(run_dir, log=lambda _: None)
+    complete, _ = manager.scan()
+    if not complete:
+        raise ExportError(f"{run_dir}: no complete checkpoint (step-NNNNNNN/ with a COMPLETE marker)")
+    if step is None:
+        return complete[-1].path
+    match = [c.path for c in complete if c.step == step]
+    if not match:
+        raise ExportError(f"{run_dir}: no complete checkpoint at step {step}; "
+                          f"complete steps: {', '.join(str(c.step) for c in complete)}")
+    return match[0]
+
+
+def raw_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # chatty
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_run_weights(run_dir: str | Path, step: int | None = None,
+                     which: str = "ema") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, full fp32 state dict) of a run's checkpoint: ``which`` is "ema" or "raw"."""
+    if which not in ("ema", "raw"):
+        raise ExportError(f"which={which!r}: expected 'ema' or 'raw'")
+    step_dir = checkpoint_dir(run_dir, step)
+    info = client_state(step_dir)
+    model_cfg = ModelConfig.from_dict(info["config"]["model"], "model")
+    state = raw_weights(step_dir)
+    if which == "ema":
+        ema = consolidate_ema(step_dir)
+        unknown = sorted(ema.keys() - state.keys())
+        if unknown:
+            raise ExportError(f"{step_dir}: EMA tensor {unknown[0]!r} is not a model parameter")
+        state.update(ema)
+    return model_cfg, state
+
+
+def export(run_dir: str | Path, out: str | Path | None = None, step: int | None = None,
+           which: str = "ema") -> Path:
+    """Write ``out`` (default ``RUN/export/step-NNNNNNN-<which>.safetensors``) and its config YAML."""
+    from safetensors.torch import save_file
+
+    step_dir = checkpoint_dir(run_dir, step)
+    model_cfg, state = load_run_weights(run_dir, int(step_dir.name.split("-")[1]), which)
+    out = Path(out) if out else Path(run_dir) / "export" / f"{step_dir.name}-{which}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {CONFIG_METADATA_KEY: json.dumps(model_cfg.to_dict()), "weights": which, "step": step_dir.name}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=metadata)
+    config = ExperimentConfig.from_dict(client_state(step_dir)["config"])
+    out.with_suffix(".yaml").write_text(dump_config(config))
+    return out
+
+
+def write_grid(run_dir: Path, step: int, cfg: ExperimentConfig, manifest: Mapping[str, Any], *, device: str,
+               log: Callable[[str], None] = print) -> Path | None:
+    """EMA samples of a checkpoint as ``RUN/samples/step-NNNNNNN.png``: one column per class (up to 16
+    evenly spaced classes) when class-conditional. Returns None (after a warning) when the decoder
+    cannot be loaded."""
+    from launch.images import save_grid
+    from launch.sample import decode, generate
+
+    t = cfg.train
+    vae = None
+    if manifest.get("space") != "pixels":
+        from data_pipeline.vae import load_vae
+
+        try:
+            vae = load_vae(manifest["vae"], device)
+        except Exception as err:
+            log(f"sample grid skipped: cannot load the VAE {manifest.get('vae')!r} ({err})")
+            return None
+    model_cfg, state = load_run_weights(run_dir, step, "ema")
+    model = build_model(model_cfg).to(device)
+    model.load_state_dict(state)
+    model.eval()
+    conditional = model.null_label is not None or model_cfg.num_classes > 1
+    columns = min(model_cfg.num_classes, 16) if conditional else 8
+    spread = model_cfg.num_classes // columns  # e.g. every 62nd ImageNet class, every digit
+    labels = (torch.arange(t.sample_count) % columns) * spread if conditional else None
+    scale = t.sample_cfg_scale if conditional else 1.0
+    samples = generate(model, labels, num=t.sample_count, cfg_scale=scale, sampler="euler",
+                       steps=t.sample_steps, seed=cfg.seed)
+    path = save_grid(decode(samples, vae), run_dir / "samples" / f"{step_name(step)}.png", nrow=columns)
+    log(f"sample grid: {path}")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, help="run directory, e.g. checkpoints/demo")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
+    parser.add_argument("--raw", action="store_true", help="export the trained weights instead of the EMA")
+    parser.add_argument("--out", type=Path, help="output .safetensors path")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export(args.run, args.out, args.step, "raw" if args.raw else "ema")
+    print(f"wrote {out} and {out.with_suffix('.yaml')}")
+    return 0

@@ -1,0 +1,246 @@
+"""Selective scan and causal conv: the torch backend against the sequential loop, the CUDA path's maths
+(zero-state scan + closed-form h0 correction) on CPU, and backend selection."""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import sys
+
+import pytest
+import torch
+
+from dimsum import scan
+from dimsum.scan import (
+    causal_conv1d,
+    initial_state_correction,
+    scan_with_zero_state_kernel,
+    selective_scan,
+    sequential_scan,
+)
+
+GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
+
+
+def make_inputs(batch=2, dim=5, length=13, state=4, *, dtype=torch.float64,
+                seed=0) -> dict[str, torch.Tensor]:
+    """Random scan inputs; A < 0 as in Mamba, raw delta around the Mamba init after softplus."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    return {
+        "u": randn(batch, dim, length), "delta": 0.5 * randn(batch, dim, length),
+        "A": -torch.rand(dim, state, generator=g, dtype=dtype) * 4 - 0.1,
+        "B": randn(batch, state, length), "C": randn(batch, state, length), "D": randn(dim),
+        "z": randn(batch, dim, length), "delta_bias": randn(dim) - 2.0, "h0": randn(batch, dim, state),
+    }
+
+
+def run(fn, inputs: dict[str, torch.Tensor], **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and the gradients of a fixed random projection of it w.r.t. every input."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    y = fn(**leaves, delta_softplus=True, **kwargs)
+    weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y.backward(weight.to(y.dtype))
+    return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def torch_scan(**kw):
+    return selective_scan(**kw, backend="torch")
+
+
+def assert_same(result, reference, atol: float, rtol: float = 0.0) -> None:
+    (y, grads), (y_ref, grads_ref) = result, reference
+    torch.testing.assert_close(y.to(y_ref.dtype), y_ref, atol=atol, rtol=rtol)
+    assert set(grads) == set(grads_ref)
+    for name in grads_ref:
+        assert grads[name] is not None, name
+        torch.testing.assert_close(grads[name].to(y_ref.dtype), grads_ref[name], atol=atol, rtol=rtol,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+# ----------------------------------------------------------------------------- torch backend exactness
+
+@pytest.mark.parametrize("length", [1, 2, 3, 8, 13, 64, 100])
+def test_torch_backend_matches_sequential_loop_in_float64(length: int) -> None:
+    inputs = make_inputs(length=length)
+    assert_same(run(torch_scan, inputs), run(sequential_scan, inputs), atol=1e-12, rtol=1e-10)
+
+
+def test_float32_torch_backend_is_as_accurate_as_the_float32_loop() -> None:
+    inputs = make_inputs(batch=2, dim=16, length=100, state=16)
+    reference = run(sequential_scan, inputs)
+    inputs32 = {k: v.float() for k, v in inputs.items()}
+    y, grads = run(torch_scan, inputs32)
+    assert y.dtype == torch.float32
+    assert_same((y, grads), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_channel_blocks_cover_all_channels_with_a_ragged_last_block(monkeypatch) -> None:
+    """The torch backend walks over channel blocks; force several (and a partial one) at tiny sizes."""
+    inputs = make_inputs(dim=7, length=9)
+    reference = run(sequential_scan, inputs)
+    monkeypatch.setattr(scan, "CPU_BLOCK_ELEMENTS", 2 * 9 * 4 * 3)  # 3 channels per block: 3 + 3 + 1
+    x = torch.zeros(9, 2, 7)
+    assert [s.indices(7) for s, _, _ in scan._blocks(x, 4, (x,), None)] == [(0, 3, 1), (3, 6, 1), (6, 7, 1)]
+    assert_same(run(torch_scan, inputs), reference, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_torch_backend_gradcheck(with_h0: bool) -> None:
+    inputs = make_inputs(batch=1, dim=2, length=5, state=3)
+    if not with_h0:
+        del inputs["h0"]
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    names = list(leaves)
+
+    def fn(*tensors):
+        return selective_scan(**dict(zip(names, tensors, strict=True)), delta_softplus=True, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves.values()))
+
+
+def test_optional_inputs_are_optional() -> None:
+    inputs = make_inputs()
+    for drop in [("D",), ("z",), ("delta_bias",), ("h0",), ("D", "z", "delta_bias", "h0")]:
+        subset = {k: v for k, v in inputs.items() if k not in drop}
+        assert_same(run(torch_scan, subset), run(sequential_scan, subset), atol=1e-12, rtol=1e-10)
+
+
+def test_large_steps_stay_finite_and_exact() -> None:
+    """exp(delta A) underflows to 0 for big steps; the scan only multiplies, so nothing becomes inf/nan."""
+    inputs = make_inputs(length=33)
+    inputs["delta"] = inputs["delta"].abs() * 200 + 50
+    inputs32 = {k: v.float() for k, v in inputs.items()}
+    y, grads = run(torch_scan, inputs32)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
+    assert_same((y, grads), run(sequential_scan, inputs), atol=1e-3, rtol=1e-4)
+
+
+def test_scan_runs_in_float32_under_bf16_autocast_and_returns_u_dtype() -> None:
+    inputs = {k: v.float() for k, v in make_inputs(dim=8, length=16).items()}
+    plain = run(torch_scan, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = run(torch_scan, inputs)  # forward and backward both inside the autocast region
+    assert_same(in_autocast, plain, atol=0.0)
+
+    bf16 = {k: v.bfloat16() for k, v in inputs.items()}
+    y = selective_scan(**bf16, delta_softplus=True, backend="torch")
+    assert y.dtype == torch.bfloat16
+    reference = sequential_scan(**{k: v.double() for k, v in bf16.items()}, delta_softplus=True)
+    torch.testing.assert_close(y.double(), reference, atol=0.05, rtol=0.01)  # only the output rounding
+
+
+# ----------------------------------------------------------------------------- the CUDA path's maths on CPU
+
+@pytest.mark.parametrize("drop", [(), ("z",), ("D", "z"), ("delta_bias",)])
+def test_zero_state_kernel_plus_correction_equals_scan_from_h0(drop: tuple[str, ...]) -> None:
+    """What backend="cuda" computes, with the torch zero-state scan standing in for selective_scan_fn."""
+    inputs = {k: v for k, v in make_inputs(length=11).items() if k not in drop}
+    kernel = functools.partial(selective_scan, backend="torch")  # same signature as selective_scan_fn
+    decomposed = run(functools.partial(scan_with_zero_state_kernel, kernel=kernel), inputs)
+    assert_same(decomposed, run(sequential_scan, inputs), atol=1e-12, rtol=1e-10)
+
+
+def test_initial_state_correction_is_the_h0_part_of_the_output() -> None:
+    inputs = make_inputs(length=10)
+    delta = torch.nn.functional.softplus(inputs["delta"])
+    y_h0 = sequential_scan(inputs["u"], delta, inputs["A"], inputs["B"], inputs["C"], h0=inputs["h0"])
+    y_zero = sequential_scan(inputs["u"], delta, inputs["A"], inputs["B"], inputs["C"])
+    corr = initial_state_correction(delta, inputs["A"], inputs["C"], inputs["h0"])
+    torch.testing.assert_close(y_zero + corr, y_h0, atol=1e-12, rtol=1e-10)
+    assert corr.abs().max() > 0.1  # the correction is not trivially small here
+
+
+# ----------------------------------------------------------------------------- backend selection
+
+class _RecordImports(importlib.abc.MetaPathFinder):
+    """Records (and refuses) any attempt to import the CUDA-only packages."""
+
+    def __init__(self) -> None:
+        self.attempts: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("mamba_ssm", "causal_conv1d"):
+            self.attempts.append(name)
+            raise ImportError(f"{name} blocked by the test")
+
+
+@pytest.fixture
+def record_imports(monkeypatch):
+    finder = _RecordImports()
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    for name in [m for m in sys.modules if m.split(".")[0] in ("mamba_ssm", "causal_conv1d")]:
+        monkeypatch.delitem(sys.modules, name)
+    scan._cuda_kernels.cache_clear()
+    yield finder
+    scan._cuda_kernels.cache_clear()
+
+
+def test_auto_backend_on_cpu_uses_torch_and_never_imports_cuda_packages(record_imports) -> None:
+    from dimsum.mamba import Mamba
+
+    inputs = make_inputs(dtype=torch.float32)
+    assert scan._resolve_backend("auto", inputs["u"]) == "torch"
+    selective_scan(**inputs, delta_softplus=True)
+    causal_conv1d(inputs["u"], torch.randn(5, 4), None, "silu")
+    Mamba(8, 6, backend="auto")(torch.randn(2, 5, 8), torch.randn(2, 6)).sum().backward()
+    assert record_imports.attempts == []
+
+
+def test_cuda_backend_on_cpu_is_a_clear_error(record_imports) -> None:
+    inputs = make_inputs(dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' needs CUDA tensors.*device 'cpu'"):
+        selective_scan(**inputs, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+        causal_conv1d(inputs["u"], torch.randn(5, 4), backend="cuda")
+    assert record_imports.attempts == []
+
+
+def test_missing_cuda_package_is_named(record_imports) -> None:
+    kernels = scan._cuda_kernels()
+    assert kernels.selective_scan_fn is None and "package 'mamba_ssm' failed to import" in kernels.missing
+    assert record_imports.attempts == ["mamba_ssm"]
+
+
+def test_unknown_backend_and_activation_are_rejected() -> None:
+    inputs = make_inputs()
+    with pytest.raises(ValueError, match="backend='triton'"):
+        selective_scan(**inputs, backend="triton")
+    with pytest.raises(ValueError, match="activation='relu'"):
+        causal_conv1d(inputs["u"], torch.randn(5, 4), activation="relu")
+
+
+# ----------------------------------------------------------------------------- causal conv
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_causal_conv_matches_direct_sum(activation: str | None, with_bias: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(2, 3, 10, generator=g, dtype=torch.float64),
+                       torch.randn(3, 4, generator=g, dtype=torch.float64),
+                       torch.randn(3, generator=g, dtype=torch.float64) if with_bias else None)
+    out = causal_conv1d(x, weight, bias, activation, backend="torch")
+    expected = torch.zeros_like(x)
+    for t in range(x.shape[-1]):
+        for k in range(weight.shape[1]):  # weight[:, K-1] multiplies the current step, as in causal-conv1d
+            source = t - (weight.shape[1] - 1) + k
+            if source >= 0:
+                expected[..., t] += weight[:, k] * x[..., source]
+        if bias is not None:
+            expected[..., t] += bias
+    if activation == "silu":
+        expected = torch.nn.functional.silu(expected)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_causal_conv_is_causal() -> None:
+    x, weight = torch.randn(1, 3, 12), torch.randn(3, 4)
+    perturbed = x.clone()
+    perturbed[..., 7] += 1.0
+    a, b = causal_conv1d(x, weight, activation="silu"), causal_conv1d(perturbed, weight, activation="silu")
+    assert torch.equal(a[..., :7], b[..., :7])
+    assert not torch.equal(a[..., 7], b[..., 7])
+    assert a.shape == x.shape

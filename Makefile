@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python -m launch.distributed --prebuild
 	touch $(STAMP)
 
 demo: $(STAMP)

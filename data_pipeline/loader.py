@@ -20,8 +20,9 @@ Design (the trainer's bit-exact resume relies on it). Batch ``k`` of a rank is a
 * Speed. Shards hold blocks of samples (see shards.py), so no per-sample Python work remains: a pass
   reads each block into reused buffers, picks each row's variant and scatters it to its shuffled
   position; a batch is a slice of the pass. Workers hand batches over in float16 through reused
-  shared-memory slots (see _Batches); the main process casts to float32. Memory: a worker holds one
-  pass (shard size x one latent, e.g. 10k x 8 KiB = 80 MiB) per stream it owns.
+  shared-memory slots (see _Batches); the main process casts to float32. A background thread reads
+  the next pass while batches are cut from the current one. Memory: two passes per stream a worker
+  owns (shard size x one latent each, e.g. 2 x 10k x 8 KiB = 160 MiB).
 * Bad data. An unreadable tar, a block with wrong members/shape/dtype, non-finite values or a label
   outside the manifest's range raise :class:`ShardError` naming shard, block key and sample
   (``on_error="raise"``); with ``"skip"`` they are dropped and counted, and the pass is topped up to the
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -278,6 +280,12 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
+def _ignore_sigterm(_worker: int) -> None:
+    """SLURM signals every process of a step. The trainer turns SIGTERM into a collective save; a worker
+    killed by it would instead make the main process raise mid-step, and nothing would be saved."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class LatentLoader:
     """Endless ``(latents float32 (B, C, H, W), labels int64 (B,))`` for one rank, from ``start_step`` on.
 
@@ -313,7 +321,7 @@ class LatentLoader:
         tags = torch.full(slots.shape[:2], -1, dtype=torch.int64).share_memory_()
         batches = torch.utils.data.DataLoader(
             _Batches(plan, self.start_step, slots, tags), batch_size=None, num_workers=workers,
-            prefetch_factor=self.cfg.prefetch_factor, collate_fn=_as_is,
+            prefetch_factor=self.cfg.prefetch_factor, collate_fn=_as_is, worker_init_fn=_ignore_sigterm,
             generator=torch.Generator().manual_seed(self._seed))  # keeps the global torch RNG untouched
         iterator = iter(batches)
         try:

@@ -37,41 +37,55 @@ def _describe(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to float, lists to tuples)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    origin = typing.get_origin(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arm, path)
-            except ConfigError as err:
-                errors.append(err.allowed)
-        raise ConfigError(path, value, " or ".join(errors))
-    if origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise ConfigError(path, value, f"expected {_describe(tp)}")
+        return _coerce_union(value, typing.get_args(tp), path)
     if isinstance(tp, type) and issubclass(tp, Config):
         if not isinstance(value, Mapping):
             raise ConfigError(path, value, f"expected a mapping of {tp.__name__} fields")
         return tp.from_dict(value, path)
     if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, value, f"expected a list of {_describe(args[0])}")
-        items = [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _coerce_list(value, tp, path)
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(path, value, "expected a mapping")
         return dict(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    return _coerce_scalar(value, tp, path)
+
+
+def _coerce_union(value: Any, arms: tuple[Any, ...], path: str) -> Any:
+    if value is None and type(None) in arms:
+        return None
+    errors = []
+    for arm in (a for a in arms if a is not type(None)):
+        try:
+            return _coerce(value, arm, path)
+        except ConfigError as err:
+            errors.append(err.allowed)
+    raise ConfigError(path, value, " or ".join(errors))
+
+
+def _coerce_list(value: Any, tp: Any, path: str) -> list[Any] | tuple[Any, ...]:
+    (item_type, *_) = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(path, value, f"expected a list of {_describe(item_type)}")
+    items = [_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if typing.get_origin(tp) is tuple else items
+
+
+def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
+    """bool is an int subclass in Python, but ``lr: true`` is a typo, not 1.0 (nor ZeRO stage 1)."""
+    if typing.get_origin(tp) is Literal:
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+            return value
+        raise ConfigError(path, value, f"expected {_describe(tp)}")
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(path, value, f"expected {tp.__name__}")
-    if isinstance(tp, type) and not isinstance(value, tp):
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, tp):
         raise ConfigError(path, value, f"expected {tp.__name__}")
     return value
 
@@ -103,7 +117,8 @@ class Config:
             key = unknown[0]
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ConfigError(_join(path, key), data[key], f"unknown key{hint}; allowed keys: {', '.join(names)}")
+            allowed = f"unknown key{hint}; allowed keys: {', '.join(names)}"
+            raise ConfigError(_join(path, key), data[key], allowed)
         try:
             merged = {**cls.defaults_for(data), **data}
         except ConfigError as err:

@@ -81,7 +81,8 @@ def _dimsum(name: str, depth: int, hidden: int, patch: int = 2, **kw: Any) -> Mo
 
 
 def _dit(name: str, depth: int, hidden: int, heads: int, patch: int = 2) -> ModelConfig:
-    return ModelConfig(name=name, family="dit", depth=depth, hidden_size=hidden, patch_size=patch, attn_heads=heads)
+    return ModelConfig(name=name, family="dit", depth=depth, hidden_size=hidden, patch_size=patch,
+                       attn_heads=heads)
 
 
 REGISTRY: dict[str, ModelConfig] = {

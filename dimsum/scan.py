@@ -28,11 +28,10 @@ from torch import Tensor
 
 BACKENDS = ("auto", "torch", "cuda")
 ACTIVATIONS = (None, "silu")
-# Elements per (L, B, d, N) work tensor of the torch backend. 4 MiB of float32 stays in cache on CPU and
-# under glibc's 32 MiB mmap threshold, so freed blocks are reused instead of page-faulted in again; GPUs
-# want fewer, bigger launches.
-CPU_BLOCK_ELEMENTS = 1 << 20
-GPU_BLOCK_ELEMENTS = 1 << 26
+# Elements per (L, B, d, N) work tensor of the torch backend: 2 MiB of float32 stays in cache on CPU (the
+# fastest of 1-8 MiB, see benchmarks/scan.py --block-elements); GPUs want fewer, bigger launches.
+CPU_BLOCK_ELEMENTS = 1 << 19
+GPU_BLOCK_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -112,25 +111,31 @@ def _odd_even_scan_(a: Tensor, b: Tensor, reverse: bool = False) -> None:
     b[rest].addcmul_(a[rest], b[before_rest])
 
 
-def _discretize(x: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
-    """a_t = exp(delta_t A) and b_t = delta_t B_t x_t (+ a_0 h0 at t = 0), time-major (L, B, d, N)."""
-    a = torch.exp_(delta.unsqueeze(-1) * A)
-    b = (delta * x).unsqueeze(-1) * Bt.unsqueeze(2)
+def _discretize(x: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, h0: Tensor | None, *, a: Tensor,
+                b: Tensor) -> None:
+    """Into a, b (L, B, d, N): a_t = exp(delta_t A) and b_t = delta_t B_t x_t (+ a_0 h0 at t = 0)."""
+    torch.mul(delta.unsqueeze(-1), A, out=a).exp_()
+    torch.mul((delta * x).unsqueeze(-1), Bt.unsqueeze(2), out=b)
     if h0 is not None:
         b[0].addcmul_(a[0], h0)
-    return a, b
 
 
-def _blocks(x: Tensor, state: int, per_channel: tuple[Tensor, ...],
-            h0: Tensor | None) -> Iterator[tuple[slice, tuple[Tensor, ...], Tensor | None]]:
-    """Yield (slice, contiguous (L, B, d) slices of ``per_channel``, h0 slice) over channel blocks whose
-    (L, B, d, N) work tensors stay cache-sized on CPU. Contiguous inputs give contiguous work tensors."""
+def _blocks(x: Tensor, state: int, per_channel: tuple[Tensor, ...], h0: Tensor | None,
+            work: int) -> Iterator[tuple[slice, tuple[Tensor, ...], Tensor | None, tuple[Tensor, ...]]]:
+    """Walk over channel blocks whose (L, B, d, N) tensors stay cache-sized; per block yield its slice, the
+    contiguous (L, B, d) slices of ``per_channel``, the h0 slice and ``work`` contiguous (L, B, d, N) buffers.
+
+    The buffers are allocated once and reused by every block: fresh multi-MiB tensors per block would be
+    returned to the OS on free and page-faulted in again, which costs more than the arithmetic on them.
+    """
     length, batch, channels = x.shape
     budget = CPU_BLOCK_ELEMENTS if x.device.type == "cpu" else GPU_BLOCK_ELEMENTS
-    size = max(1, budget // (length * batch * state))
+    size = min(channels, max(1, budget // (length * batch * state)))
+    buffers = x.new_empty(work, length * batch * size * state)
     for i in range(0, channels, size):
-        s = slice(i, i + size)
-        yield s, tuple(t[:, :, s].contiguous() for t in per_channel), None if h0 is None else h0[:, s]
+        s, d = slice(i, i + size), min(size, channels - i)
+        views = tuple(buf[: length * batch * d * state].view(length, batch, d, state) for buf in buffers)
+        yield s, tuple(t[:, :, s].contiguous() for t in per_channel), None if h0 is None else h0[:, s], views
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -149,8 +154,8 @@ class _SelectiveScanFn(torch.autograd.Function):
                 Ct: Tensor, h0: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, delta, A, Bt, Ct, h0)
         y = torch.empty_like(x)
-        for s, (xs, ds), h0s in _blocks(x, A.shape[1], (x, delta), h0):
-            a, h = _discretize(xs, ds, A[s], Bt, h0s)
+        for s, (xs, ds), h0s, (a, h) in _blocks(x, A.shape[1], (x, delta), h0, work=2):
+            _discretize(xs, ds, A[s], Bt, h0s, a=a, b=h)
             _odd_even_scan_(a, h)
             y[:, :, s] = (h @ Ct.unsqueeze(-1)).squeeze(-1)
         return y
@@ -163,10 +168,11 @@ class _SelectiveScanFn(torch.autograd.Function):
         dh0 = None if h0 is None else torch.empty_like(h0)
         c_dot_b = (Ct * Bt).sum(-1, keepdim=True)
         with torch.autocast(x.device.type, enabled=False):
-            for s, (xs, ds, dys), h0s in _blocks(x, A.shape[1], (x, delta, dy), h0):
-                a, h = _discretize(xs, ds, A[s], Bt, h0s)
-                mu = (dys.unsqueeze(-1) * Ct.unsqueeze(2)).mul_(a)  # a_t g_t
-                _odd_even_scan_(a.clone(), h)
+            blocks = _blocks(x, A.shape[1], (x, delta, dy), h0, work=4)
+            for s, (xs, ds, dys), h0s, (a, h, mu, spare) in blocks:
+                _discretize(xs, ds, A[s], Bt, h0s, a=a, b=h)
+                torch.mul(dys.unsqueeze(-1), Ct.unsqueeze(2), out=mu).mul_(a)  # a_t g_t
+                _odd_even_scan_(spare.copy_(a), h)
                 _odd_even_scan_(a, mu, reverse=True)
                 if dh0 is not None:
                     dh0[:, s] = mu[0]
@@ -181,9 +187,9 @@ class _SelectiveScanFn(torch.autograd.Function):
                 d_log_a = mu  # dLoss/d(delta_t A) = dLoss/da_t a_t = mu_t h_{t-1}
                 d_log_a[1:].mul_(h[:-1])
                 d_log_a[0].mul_(0 if h0s is None else h0s)
-                ddelta[:, :, s] = torch.linalg.vecdot(d_log_a, A[s]) + d_delta_x * xs
+                ddelta[:, :, s] = torch.mul(d_log_a, A[s], out=spare).sum(-1) + d_delta_x * xs
                 dx[:, :, s] = d_delta_x * ds
-                dA[s] = (d_log_a * ds.unsqueeze(-1)).sum((0, 1))
+                dA[s] = torch.mul(d_log_a, ds.unsqueeze(-1), out=spare).sum((0, 1))
         return dx, ddelta, dA, dBt, dCt, dh0
 
 

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("launch.evaluate", "'eval fid SAMPLES --ref REF': FID against cached reference statistics"),
     "train": ("launch.trainer", "train or auto-resume an experiment (DeepSpeed ZeRO, a process per device)"),
     "export": ("launch.export", "a run's EMA (or --raw) weights as one safetensors file + config YAML"),
-    "submit": ("launch.submit", "submit a training run to SLURM through submitit (validated before submission)"),
+    "submit": ("launch.submit", "submit a training run to SLURM via submitit (validated first)"),
     "demo": ("launch.demo", "the CPU demo: digits shards, 2-rank DeepSpeed training, EMA grid, MLflow"),
 }
 

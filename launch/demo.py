@@ -60,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
     if grids:
         print(f"    sample grid:  {grids[-1]}  (one column per digit class, EMA weights)")
     print(f"    more samples: dimsum sample --weights {weights} --vae pixels --labels even --count 40 "
-          f"--cfg-scale 3 --out {run_dir / 'samples' / 'more'}")
+          f"--cfg-scale 4 --out {run_dir / 'samples' / 'more'}")
     print(f"    MLflow:       mlflow ui --backend-store-uri sqlite:///{run_dir.resolve() / 'mlflow.db'}")
     return 0

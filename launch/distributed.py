@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 def slurm_master_port(job_id: int) -> int:
     """A port derived from the job id, so a requeued job (same id) rendezvous on the same port."""
-    return 15000 + job_id % 20000
+    return 20000 + job_id % 10000
 
 
 def resolve_env(environ: Mapping[str, str] = os.environ) -> DistEnv:

@@ -19,7 +19,7 @@ DIMSUM_REQUEUE_EXIT_CODE=75  # launch.preemption.REQUEUE_EXIT_CODE
 log() { echo "[dimsum $(date +%H:%M:%S)] $*"; }
 
 # Must agree with launch.distributed.slurm_master_port (the submitit path and tests use that one).
-dimsum_master_port() { echo $((15000 + SLURM_JOB_ID % 20000)); }
+dimsum_master_port() { echo $((20000 + SLURM_JOB_ID % 10000)); }
 
 # The first allocated node's NodeAddr: on clusters it is the host name, on the local test cluster 127.0.0.1.
 dimsum_master_addr() {

@@ -1,9 +1,9 @@
-"""Helpers for tests/test_slurm.py: a handle on the local SLURM cluster and a stand-in for the trainer.
+"""Helpers for tests/test_slurm.py: a handle on the local SLURM cluster, log readers, and a probe.
 
-Run as a script (``python tests/slurm_helpers.py CONFIG overrides...``) this module is the
-``DIMSUM_TRAIN_CMD`` stand-in: it joins a real gloo process group through the MASTER_ADDR/MASTER_PORT
-the launcher exported, prints what it sees, and follows the trainer's preemption contract (USR2 or
-TERM -> exit 75) so the launch and requeue logic is tested without a training run.
+Run as a script (``python tests/slurm_helpers.py CONFIG overrides...``) this module is a
+``DIMSUM_TRAIN_CMD`` stand-in that joins a real gloo process group through the MASTER_ADDR/MASTER_PORT
+the launcher exported and prints what it sees: a check of the sbatch rank/rendezvous plumbing that takes
+seconds. The requeue path is tested with the real trainer.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -84,7 +83,7 @@ def listening_addresses(pids: list[int]) -> list[str]:
 
 
 def free_port_base(span: int = 30) -> int:
-    """A base B (below the MASTER_PORT range, 15000+) such that B..B+span are free on 127.0.0.1."""
+    """A base B (below the MASTER_PORT range, 20000+) such that B..B+span are free on 127.0.0.1."""
     for base in range(14000, 15000 - span, 50):
         try:
             for port in range(base, base + span):
@@ -109,6 +108,25 @@ def wait_for_file_lines(path: Path, pattern: str, count: int, timeout: float = 1
     raise TimeoutError(f"{path}: {len(lines)}/{count} lines matching {pattern!r} after {timeout} s")
 
 
+def logs_of(folder: Path, job_id: str, tail: int = 40) -> str:
+    """The last lines of every log in ``folder`` that names the job: context for a failed assertion."""
+    paths = [p for p in sorted(folder.rglob(f"*{job_id}*")) if p.suffix in (".log", ".out", ".err")]
+    parts = [f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-tail:]) for p in paths]
+    return "\n".join(parts) or f"no logs of job {job_id} in {folder}"
+
+
+def clock(path: Path, pattern: str) -> int:
+    """Seconds since midnight stamped (``[HH:MM:SS]`` or ``[dimsum HH:MM:SS]``) on the first line of
+    ``path`` matching ``pattern``; the trainer and slurm/common.sh stamp their lines this way."""
+    for line in path.read_text().splitlines():
+        if re.search(pattern, line):
+            stamp = re.search(r"\[(?:dimsum )?(\d\d):(\d\d):(\d\d)\]", line)
+            if stamp:
+                hours, minutes, seconds = map(int, stamp.groups())
+                return (hours * 60 + minutes) * 60 + seconds
+    raise AssertionError(f"{path}: no time-stamped line matches {pattern!r}")
+
+
 def probe_records(text: str) -> list[dict]:
     """The JSON records the probe printed (srun --label prefixes each line with the task id)."""
     return [json.loads(line.split("PROBE ", 1)[1]) for line in text.splitlines() if "PROBE " in line]
@@ -129,34 +147,14 @@ def rendezvous() -> dict:
     return record
 
 
-def report_after_requeue() -> dict:
-    """First attempt: say READY and sleep until the job is requeued. Later attempts: report."""
-    record = {"RANK": os.environ["RANK"], "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
-    if record["restart"] == 0:
-        print("READY", flush=True)
-        time.sleep(600)
-        raise RuntimeError("never interrupted")
-    return record
-
-
 def sleep_long() -> None:
     time.sleep(600)
 
 
 def probe_main(argv: list[str]) -> int:
-    """Trainer stand-in: rendezvous and report; with PROBE_WAIT_FOR_SIGNAL=1 the first attempt then
-    waits for USR2/TERM and exits 75, as the trainer does after its collective save."""
-    stop: list[str] = []
-    signal.signal(signal.SIGUSR2, lambda *_: stop.append("USR2"))
-    signal.signal(signal.SIGTERM, lambda *_: stop.append("TERM"))
     record = rendezvous()
     record["argv"] = argv
     print("PROBE " + json.dumps(record), flush=True)
-    if record["restart"] == 0 and os.environ.get("PROBE_WAIT_FOR_SIGNAL") == "1":
-        while not stop:
-            time.sleep(0.1)
-        print(f"PROBE_SIGNAL {stop[0]}", flush=True)
-        return 75
     return 0
 
 

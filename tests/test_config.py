@@ -67,7 +67,8 @@ def test_resolved_config_round_trips(experiment_yaml: Path, tmp_path: Path) -> N
         ("nosuchsection.x=1", "nosuchsection", "unknown key"),
     ],
 )
-def test_bad_values_name_the_dotted_field(experiment_yaml: Path, override: str, path: str, words: str) -> None:
+def test_bad_values_name_the_dotted_field(experiment_yaml: Path, override: str, path: str,
+                                          words: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(experiment_yaml, [override])
     assert info.value.path == path
@@ -82,19 +83,23 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.yaml")
 
 
+def dimsum_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "launch.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=check)
+
+
 @pytest.mark.parametrize("override", ["model.depth=-1", "model.nme=x", "train.global_batch=abc"])
 def test_cli_rejects_bad_override_with_one_line(experiment_yaml: Path, override: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "config", "show", str(experiment_yaml), override],
-                          capture_output=True, text=True, check=False)
+    proc = dimsum_cli("config", "show", str(experiment_yaml), override)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and override.split("=")[0] in lines[0], proc.stderr
+    assert len(lines) == 1 and override.split("=", maxsplit=1)[0] in lines[0], proc.stderr
 
 
 def test_cli_shows_and_saves_resolved_config(experiment_yaml: Path, tmp_path: Path) -> None:
     out = tmp_path / "saved.yaml"
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "config", "show", str(experiment_yaml),
-                           "train.max_steps=5", "--save", str(out)], capture_output=True, text=True, check=True)
+    proc = dimsum_cli("config", "show", str(experiment_yaml), "train.max_steps=5", "--save", str(out),
+                      check=True)
     assert yaml.safe_load(proc.stdout)["train"]["max_steps"] == 5
     assert load_config(out).train.max_steps == 5
 
@@ -102,9 +107,8 @@ def test_cli_shows_and_saves_resolved_config(experiment_yaml: Path, tmp_path: Pa
 def test_cli_help_lists_every_registered_command() -> None:
     from launch.cli import COMMANDS
 
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "--help"], capture_output=True, text=True, check=True)
+    proc = dimsum_cli("--help", check=True)
     assert all(name in proc.stdout for name in COMMANDS)
     for name in COMMANDS:
-        sub = subprocess.run([sys.executable, "-m", "launch.cli", name, "--help"], capture_output=True, text=True,
-                             check=False)
+        sub = dimsum_cli(name, "--help")
         assert sub.returncode == 0 and f"dimsum {name}" in sub.stdout, sub.stderr

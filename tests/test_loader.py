@@ -216,3 +216,22 @@ def test_moments_are_sampled_then_scaled(tmp_path: Path) -> None:
     assert same(batches, again)
     noise = torch.cat([x[:, 0] / 0.5 - (x[:, 0] / 0.5).mean(dim=(1, 2), keepdim=True) for x, _ in batches])
     assert 0.85 < noise.std().item() * (16 / 15) ** 0.5 < 1.15
+
+
+def test_workers_survive_the_sigterm_slurm_sends_to_every_process(digits: Path) -> None:
+    """The trainer turns SIGTERM into a collective save; the loader's workers must keep serving until then."""
+    import os
+    import signal
+
+    loader = LatentLoader(DataConfig(shards=str(digits), num_workers=2), batch_size=16, seed=0, rank=0,
+                          world_size=1)
+    stream = iter(loader)
+    first = [next(stream) for _ in range(2)]
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    assert len(children) >= 2
+    for pid in children:
+        os.kill(int(pid), signal.SIGTERM)
+    rest = [next(stream) for _ in range(6)]
+    stream.close()
+    expected, _ = take(digits, 8, batch_size=16, num_workers=2)
+    assert same(first + rest, expected)

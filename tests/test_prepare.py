@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def _save_photos(root: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> None:
+def one_thread() -> Iterator[None]:
     """In-process runs compute exactly like the OMP_NUM_THREADS=1 subprocesses (bitwise equal shards), and
     tiny convolutions run several times faster on a shared 2-core machine without thread contention."""
     threads = torch.get_num_threads()

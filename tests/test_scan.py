@@ -84,7 +84,9 @@ def test_channel_blocks_cover_all_channels_with_a_ragged_last_block(monkeypatch)
     reference = run(sequential_scan, inputs)
     monkeypatch.setattr(scan, "CPU_BLOCK_ELEMENTS", 2 * 9 * 4 * 3)  # 3 channels per block: 3 + 3 + 1
     x = torch.zeros(9, 2, 7)
-    assert [s.indices(7) for s, _, _ in scan._blocks(x, 4, (x,), None)] == [(0, 3, 1), (3, 6, 1), (6, 7, 1)]
+    blocks = list(scan._blocks(x, 4, (x,), None, work=1))
+    assert [s.indices(7) for s, _, _, _ in blocks] == [(0, 3, 1), (3, 6, 1), (6, 7, 1)]
+    assert [work[0].shape for _, _, _, work in blocks] == [(9, 2, 3, 4), (9, 2, 3, 4), (9, 2, 1, 4)]
     assert_same(run(torch_scan, inputs), reference, atol=1e-12, rtol=1e-10)
 
 

@@ -1,8 +1,10 @@
 """The SLURM path against a real local cluster (slurm/local_cluster.sh, 2 emulated nodes, accounting on).
 
-Covers the cluster script itself, the sbatch recipes' shared launch logic (ranks, rendezvous, USR2 ->
-exit 75 -> requeue -> restart) with a trainer stand-in, and launch.submit through submitit (results,
-requeue on interrupt, cancellation, validation before submission).
+Covers the cluster script itself, the real sbatch recipe with the real trainer (2 nodes x 1 CPU task,
+gloo, DeepSpeed ZeRO-2, MLflow): an uninterrupted run, and a run preempted with USR2 that saves, exits 75,
+is requeued and resumes to bit-identical weights and EMA in the same MLflow run; the same through
+launch.submit and submitit; cancellation; validation before submission. A stand-in for the trainer
+checks the rank/rendezvous plumbing in seconds.
 """
 
 from __future__ import annotations
@@ -12,23 +14,31 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cloudpickle
 import pytest
 import slurm_helpers
 import submitit
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 from slurm_helpers import (
+    REPO,
     LocalCluster,
+    clock,
     free_port_base,
     listening_addresses,
+    logs_of,
     probe_records,
     wait_for_file_lines,
 )
+from trainer_helpers import assert_same_weights, complete_steps, overrides
 
 from dimsum.config import ConfigError
 from launch.config import ExperimentConfig
 from launch.distributed import slurm_master_port
+from launch.resume import client_state
 from launch.submit import slurm_minutes, submit, submit_task
 
 # The job processes import this module's helpers by value: tests/ is not on their sys.path.
@@ -101,17 +111,18 @@ def test_cluster_refuses_another_shape_while_running(slurm_cluster: LocalCluster
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_sbatch_recipe_ranks_rendezvous_and_requeue(slurm_cluster: LocalCluster, tmp_path: Path) -> None:
-    """The real recipe, GPU-less: 2 nodes x 1 task run the stand-in; USR2 -> exit 75 -> requeue -> restart."""
+def test_sbatch_recipe_exports_ranks_and_rendezvous(slurm_cluster: LocalCluster, tmp_path: Path) -> None:
+    """Seconds-fast plumbing check of the real recipe with a stand-in for the trainer: one task per node,
+    ranks from SLURM, the first node's address, the job-derived port, and the argument order."""
     job = slurm_cluster.sbatch(
         *CPU_SHAPE, f"--output={tmp_path}/%x-%j.out", "slurm/imagenet_l2.sbatch", "train.max_steps=7",
         env={"DIMSUM_TRAIN_CMD": f"{sys.executable} tests/slurm_helpers.py", "DIMSUM_LOG_DIR": str(tmp_path),
-             "DIMSUM_OVERRIDES": "model.name=DiMSUM-debug train.device=cpu", "PROBE_WAIT_FOR_SIGNAL": "1"})
-    first_log = tmp_path / f"dimsum-l2-{job}.restart0.log"
-    first = probe_records("\n".join(wait_for_file_lines(first_log, "PROBE ", 2)))
-    assert sorted(r["RANK"] for r in first) == ["0", "1"]
-    assert sorted(r["node"] for r in first) == ["node1", "node2"]
-    for record in first:
+             "DIMSUM_OVERRIDES": "model.name=DiMSUM-debug train.device=cpu"})
+    assert slurm_cluster.wait_state(job, {"COMPLETED", "FAILED"}) == "COMPLETED", logs_of(tmp_path, job)
+    records = probe_records((tmp_path / f"dimsum-l2-{job}.restart0.log").read_text())
+    assert sorted(r["RANK"] for r in records) == ["0", "1"]
+    assert sorted(r["node"] for r in records) == ["node1", "node2"]
+    for record in records:
         assert record["WORLD_SIZE"] == "2" and record["LOCAL_RANK"] == "0" and record["restart"] == 0
         assert record["MASTER_ADDR"] == "127.0.0.1"  # node1's NodeAddr: the node names do not resolve
         assert record["MASTER_PORT"] == str(slurm_master_port(int(job)))
@@ -119,49 +130,175 @@ def test_sbatch_recipe_ranks_rendezvous_and_requeue(slurm_cluster: LocalCluster,
         assert record["argv"] == ["configs/imagenet_l2.yaml", "model.name=DiMSUM-debug", "train.device=cpu",
                                   "train.max_steps=7"]
 
-    # What --signal=B:USR2@120 does near the time limit: signal the batch shell only.
-    slurm_cluster.run("scancel", "--batch", "--signal=USR2", job)
-    second_log = tmp_path / f"dimsum-l2-{job}.restart1.log"
-    second = probe_records("\n".join(wait_for_file_lines(second_log, "PROBE ", 2, timeout=180)))
-    assert sorted(r["restart"] for r in second) == [1, 1]
-    assert {r["MASTER_PORT"] for r in second} == {str(slurm_master_port(int(job)))}
-    assert slurm_cluster.wait_state(job, {"COMPLETED", "FAILED"}) == "COMPLETED"
 
-    assert first_log.read_text().count("PROBE_SIGNAL USR2") == 2
-    batch_log = (tmp_path / f"dimsum-l2-{job}.out").read_text()
-    assert f"scontrol requeue {job}" in batch_log and "tasks exited with code 0" in batch_log
+# The real DiMSUM-L/2 ImageNet recipe shrunk to the digits debug model (patch 4, 578k parameters) on CPU.
+# It goes in through DIMSUM_OVERRIDES (the recipe's knob); the run's own settings are sbatch arguments.
+TINY_RECIPE = ("model.name=DiMSUM-debug model.input_size=16 model.patch_size=4 model.in_channels=1 "
+               "model.num_classes=10 data.streams=1 train.device=cpu")
+STEPS = 8
+# Every rank waits at the start of step 4 until the test creates the release file: the preemption
+# signal is then known to have arrived before step 4's stop vote, so the job always saves at step 4.
+PAUSE = "pause@4"
 
 
-def _cpu_task(fn, folder: Path, **kwargs) -> submitit.Job:
-    return submit_task(fn, folder=folder / "%j", cluster="slurm", nodes=2, gpus_per_node=0, cpus_per_task=1,
-                       time="60", **kwargs)
+@dataclass
+class RecipeRun:
+    job: str
+    run_dir: Path
+    logs: Path
+
+    def task_log(self, restart: int) -> Path:
+        return self.logs / f"dimsum-l2-{self.job}.restart{restart}.log"
+
+
+def sbatch_recipe(cluster: LocalCluster, root: Path, shards: Path, name: str, **env: str) -> RecipeRun:
+    logs = root / f"{name}-logs"
+    logs.mkdir()
+    job = cluster.sbatch(*CPU_SHAPE, f"--output={logs}/%x-%j.out", "slurm/imagenet_l2.sbatch",
+                         *overrides(root, shards, name, tracking=True, max_steps=STEPS),
+                         env={"DIMSUM_LOG_DIR": str(logs), "DIMSUM_OVERRIDES": TINY_RECIPE,
+                              "OMP_NUM_THREADS": "1", **env})
+    return RecipeRun(job, root / name, logs)
+
+
+def finished(cluster: LocalCluster, run: RecipeRun) -> None:
+    state = cluster.wait_state(run.job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
+    assert state == "COMPLETED", logs_of(run.logs, run.job)
+
+
+def mlflow_run(run_dir: Path) -> Run:
+    """The only MLflow run in the run directory's embedded store."""
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("dimsum").experiment_id])
+    return found
+
+
+def loss_steps(run_dir: Path, run_id: str) -> list[int]:
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data_pipeline.demo import build_digits_shards
+
+    out = tmp_path_factory.mktemp("digits")
+    build_digits_shards(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster: LocalCluster, shards: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> RecipeRun:
+    """An uninterrupted sbatch run of the recipe: the bit-exact reference for the interrupted ones."""
+    run = sbatch_recipe(slurm_cluster, tmp_path_factory.mktemp("runs"), shards, "reference")
+    finished(slurm_cluster, run)
+    return run
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_submitit_tasks_get_distributed_env_and_return(slurm_cluster: LocalCluster, tmp_path: Path) -> None:
-    job = _cpu_task(slurm_helpers.rendezvous, tmp_path, name="rendezvous")
-    results = job.results()
-    assert [r["RANK"] for r in results] == ["0", "1"]
-    for record in results:
-        assert record["WORLD_SIZE"] == "2" and record["rank_sum"] == 1.0
-        assert record["MASTER_ADDR"] == "127.0.0.1"
-        assert record["MASTER_PORT"] == str(slurm_master_port(int(job.job_id)))
-    submission = (tmp_path / job.job_id / f"{job.job_id}_submission.sh").read_text()
+def test_sbatch_recipe_trains_to_a_complete_checkpoint_and_an_mlflow_run(reference: RecipeRun) -> None:
+    run = reference.run_dir
+    assert complete_steps(run) == [STEPS - 2, STEPS]
+    assert (run / "latest").read_text().strip() == f"step-{STEPS:07d}"
+    log = reference.task_log(0).read_text()
+    assert "2 x cpu, fp32, ZeRO-2" in log and f"finished at step {STEPS}; exit code 0" in log
+    assert "tasks exited with code 0" in next(reference.logs.glob("*.out")).read_text()
+
+    found = mlflow_run(run)
+    assert found.info.run_id == client_state(run / f"step-{STEPS:07d}")["mlflow_run_id"]
+    tags, params = found.data.tags, found.data.params
+    assert tags["slurm_job_id"] == reference.job and tags["restart_count"] == "0"
+    assert tags["world_size"] == "2" and tags["hosts"] == "node[1-2]"
+    # the recipe's own settings, then DIMSUM_OVERRIDES, then the sbatch arguments
+    assert params["train.global_batch"] == "8" and params["train.grad_clip"] == "1.0"
+    assert params["model.name"] == "DiMSUM-debug" and params["model.patch_size"] == "4"
+    assert params["train.max_steps"] == str(STEPS)
+    assert loss_steps(run, found.info.run_id) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
+        slurm_cluster: LocalCluster, shards: Path, reference: RecipeRun, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    run = sbatch_recipe(slurm_cluster, tmp_path, shards, "preempted", DIMSUM_FAULTS=PAUSE,
+                        DIMSUM_FAULTS_RELEASE=str(release))
+    try:
+        # Step 3's log line is a collective: both ranks are past step 3 and will wait at step 4.
+        wait_for_file_lines(run.task_log(0), r"step 3/", 1, timeout=300)
+    except TimeoutError:
+        pytest.fail(logs_of(run.logs, run.job))
+    assert complete_steps(run.run_dir) == [2]
+    # What --signal=B:USR2@120 does near the time limit: signal the batch shell only; it forwards.
+    slurm_cluster.run("scancel", "--batch", "--signal=USR2", run.job)
+    wait_for_file_lines(run.task_log(0), r"\[preemption\] USR2 received", 2)
+    release.touch()
+    finished(slurm_cluster, run)
+
+    first, second = run.task_log(0).read_text(), run.task_log(1).read_text()
+    assert "preempted at step 4; exit code 75" in first and "step 5/" not in first
+    assert "resumed from step-0000004 (attempt 2)" in second and f"finished at step {STEPS}" in second
+    batch = next(run.logs.glob("*.out"))
+    assert f"scontrol requeue {run.job}" in batch.read_text()
+    assert slurm_cluster.job_field(run.job, "Restarts") == "1"
+    assert_same_weights(reference.run_dir, run.run_dir)
+
+    found = mlflow_run(run.run_dir)  # one run for both attempts
+    assert found.info.run_id == client_state(run.run_dir / "step-0000004")["mlflow_run_id"]
+    assert found.info.run_id == client_state(run.run_dir / f"step-{STEPS:07d}")["mlflow_run_id"]
+    assert found.data.tags["attempt"] == "2" and found.data.tags["restart_count"] == "1"
+    assert found.data.tags["attempt.1"].startswith(f"start_step=0 job={run.job} restart=0")
+    assert found.data.tags["attempt.2"].startswith(f"start_step=4 job={run.job} restart=1")
+    assert loss_steps(run.run_dir, found.info.run_id) == list(range(1, STEPS + 1))
+
+    signalled = clock(batch, "signal received")
+    requeued, restarted = clock(batch, "scontrol requeue"), clock(batch, "restart 1 on")
+    resumed = clock(run.task_log(1), r"step 5/")
+    print(f"\nrequeue-to-resume: signal -> first resumed step {resumed - signalled} s (save and exit "
+          f"{requeued - signalled} s, SLURM requeue {restarted - requeued} s, trainer start "
+          f"{resumed - restarted} s)")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_submit_trains_is_interrupted_requeues_and_resumes_bit_exact(
+        slurm_cluster: LocalCluster, shards: Path, reference: RecipeRun, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """launch.submit of the same tiny recipe through submitit; job._interrupt() as on preemption."""
+    release = tmp_path / "release"
+    monkeypatch.setenv("DIMSUM_FAULTS", PAUSE)  # sbatch exports the submitting environment to the job
+    monkeypatch.setenv("DIMSUM_FAULTS_RELEASE", str(release))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = [*TINY_RECIPE.split(), *overrides(tmp_path, shards, "submitted", tracking=True, max_steps=STEPS)]
+    job = submit(REPO / "configs" / "imagenet_l2.yaml", args, cluster="slurm", nodes=2, gpus_per_node=0,
+                 cpus_per_task=1, time="60", folder=tmp_path / "%j")
+    folder = tmp_path / job.job_id
+    out, err = (folder / f"{job.job_id}_0_log.out"), [folder / f"{job.job_id}_{t}_log.err" for t in range(2)]
+    try:
+        wait_for_file_lines(out, r"step 3/", 1, timeout=300)
+    except TimeoutError:
+        pytest.fail(logs_of(folder, job.job_id))
+    job._interrupt()  # SIGTERM then USR2 to every task
+    for path in err:
+        wait_for_file_lines(path, r"\[preemption\] (TERM|USR2) received", 1)
+    release.touch()
+    summary = job.result()
+
+    assert summary["status"] == "finished" and summary["step"] == STEPS and summary["exit_code"] == 0
+    assert summary["run_dir"] == str(tmp_path / "submitted")
+    log = out.read_text()
+    assert "preempted at step 4; exit code 75" in log and f"Requeued job {job.job_id}" in log
+    assert "resumed from step-0000004 (attempt 2)" in log
+    run = tmp_path / "submitted"
+    assert summary["mlflow_run_id"] == client_state(run / "step-0000004")["mlflow_run_id"]
+    assert summary["mlflow_run_id"] == mlflow_run(run).info.run_id
+    assert mlflow_run(run).data.tags["restart_count"] == "1"
+    # submitit's launch and the sbatch recipe train the same model to the same bits
+    assert_same_weights(reference.run_dir, run)
+    submission = (folder / f"{job.job_id}_submission.sh").read_text()
     assert "#SBATCH --signal=USR2@120" in submission and "gpus" not in submission
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_submitit_interrupt_requeues_and_resumes(slurm_cluster: LocalCluster, tmp_path: Path) -> None:
-    job = _cpu_task(slurm_helpers.report_after_requeue, tmp_path, name="requeue")
-    for task in range(2):
-        stdout = tmp_path / job.job_id / f"{job.job_id}_{task}_log.out"
-        wait_for_file_lines(stdout, "^READY$", 1)
-    job._interrupt()  # SIGTERM then USR2 to every task, as on preemption
-    results = job.results()
-    assert results == [{"RANK": "0", "restart": 1}, {"RANK": "1", "restart": 1}]
-    assert f"Requeued job {job.job_id}" in (tmp_path / job.job_id / f"{job.job_id}_0_log.out").read_text()
 
 
 @pytest.mark.slow

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import assert_same_weights, complete_steps, overrides
 
-from launch.checkpoint import CheckpointManager
 from launch.export import load_run_weights
 from launch.resume import client_state
 
@@ -43,13 +43,6 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def overrides(root: Path, shards: Path, name: str, tracking: bool = False, **train: object) -> list[str]:
-    settings = {"global_batch": 8, "max_steps": 6, "ckpt_every": 2, "log_every": 1, "ema_decay": 0.5,
-                "sample_every": 0, "lr": 1e-3, **train}
-    return [f"output_root={root}", f"name={name}", f"data.shards={shards}", "data.num_workers=0",
-            f"tracking.enabled={str(tracking).lower()}", *(f"train.{k}={v}" for k, v in settings.items())]
-
-
 # the ZeRO-2 runs also make EMA sample grids mid-run, which must not disturb the training RNG
 ZERO2 = ["deepspeed.zero_stage=2", "train.sample_every=4", "train.sample_count=4", "train.sample_steps=2"]
 
@@ -64,18 +57,6 @@ def torchrun(args: list[str], faults: str = "", timeout: float = 300) -> subproc
 def ok(proc: subprocess.CompletedProcess, code: int = 0) -> str:
     assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
-
-
-def complete_steps(run_dir: Path) -> list[int]:
-    return [c.step for c in CheckpointManager(run_dir, log=lambda _: None).scan()[0]]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    for which in ("raw", "ema"):
-        (cfg_a, sd_a), (cfg_b, sd_b) = load_run_weights(a, which=which), load_run_weights(b, which=which)
-        assert cfg_a == cfg_b and sd_a.keys() == sd_b.keys()
-        different = [k for k in sd_a if not torch.equal(sd_a[k], sd_b[k])]
-        assert not different, f"{which}: {len(different)} tensors differ, e.g. {different[0]}"
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
-    def close(self) -> None: ...
+    def close(self, status: str | None = None) -> None: ...
 
 
 class MLflowTracker:
@@ -73,6 +73,8 @@ class MLflowTracker:
         self._params = dict(params or {}) if run_id is None else {}  # logged once, on a fresh run
         self._queue: queue.Queue[tuple] = queue.Queue(maxsize=queue_size)
         self._queue.put_nowait(("tags", dict(tags or {})))
+        if run_id is not None:  # a resumed run was left KILLED (preempted) or FAILED by its last attempt
+            self._queue.put_nowait(("status", "RUNNING"))
         self._pending: list[tuple] = []
         self._capacity = queue_size
         self.dropped = 0
@@ -107,10 +109,13 @@ class MLflowTracker:
         except queue.Full:
             self.dropped += 1
 
-    def close(self) -> None:
-        """Deliver the backlog within ``flush_timeout`` seconds; report whatever is left (once)."""
+    def close(self, status: str | None = None) -> None:
+        """Deliver the backlog within ``flush_timeout`` seconds, ending the run with ``status`` (FINISHED,
+        KILLED for a preempted attempt, FAILED); report whatever is left (once)."""
         if self._closing.is_set():
             return
+        if status is not None:
+            self._put(("status", status))
         self._closing.set()
         self._thread.join(self.flush_timeout)
         left = self._queue.qsize() + len(self._pending)
@@ -214,6 +219,10 @@ class MLflowTracker:
                 client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in rest[0].items()])
             elif kind == "artifact":
                 client.log_artifact(self.run_id, rest[0], rest[1])
+            elif kind == "status" and rest[0] == "RUNNING":
+                client.update_run(self.run_id, status="RUNNING")
+            elif kind == "status":
+                client.set_terminated(self.run_id, status=rest[0])
             self._pending.pop(0)
 
     def _warn(self, text: str) -> None:

@@ -274,7 +274,9 @@ class Trainer:
         barrier()
 
     def finish(self, preempted: bool) -> dict[str, Any]:
-        self.tracker.close()  # before the summary: it reports undelivered metrics
+        # Before the summary: closing reports undelivered metrics. A preempted attempt is KILLED; the
+        # requeued one sets the same run RUNNING again.
+        self.tracker.close(status="KILLED" if preempted else "FINISHED")
         summary = {"status": "preempted" if preempted else "finished", "step": self.state.step,
                    "run_dir": str(self.run_dir), "mlflow_run_id": self.tracker.run_id,
                    "exit_code": REQUEUE_EXIT_CODE if preempted else 0,
@@ -297,6 +299,9 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
     trainer = Trainer(cfg)
     try:
         return trainer.fit()
+    except BaseException:
+        trainer.tracker.close(status="FAILED")
+        raise
     finally:
         trainer.close()
 

@@ -170,6 +170,7 @@ def mlflow_run(run_dir: Path) -> Run:
     """The only MLflow run in the run directory's embedded store."""
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     (found,) = client.search_runs([client.get_experiment_by_name("dimsum").experiment_id])
+    assert found.info.status == "FINISHED"  # also after a preempted (KILLED) attempt: the resume reopens it
     return found
 
 
@@ -211,8 +212,8 @@ def test_sbatch_recipe_trains_to_a_complete_checkpoint_and_an_mlflow_run(referen
     tags, params = found.data.tags, found.data.params
     assert tags["slurm_job_id"] == reference.job and tags["restart_count"] == "0"
     assert tags["world_size"] == "2" and tags["hosts"] == "node[1-2]"
-    # the recipe's own settings, then DIMSUM_OVERRIDES, then the sbatch arguments
-    assert params["train.global_batch"] == "8" and params["train.grad_clip"] == "1.0"
+    # the recipe's composed settings (base.yaml), then DIMSUM_OVERRIDES, then the sbatch arguments
+    assert params["train.milestone_every"] == "50000" and params["train.global_batch"] == "8"
     assert params["model.name"] == "DiMSUM-debug" and params["model.patch_size"] == "4"
     assert params["train.max_steps"] == str(STEPS)
     assert loss_steps(run, found.info.run_id) == list(range(1, STEPS + 1))
@@ -233,7 +234,7 @@ def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
     assert complete_steps(run.run_dir) == [2]
     # What --signal=B:USR2@120 does near the time limit: signal the batch shell only; it forwards.
     slurm_cluster.run("scancel", "--batch", "--signal=USR2", run.job)
-    wait_for_file_lines(run.task_log(0), r"\[preemption\] USR2 received", 2)
+    wait_for_file_lines(run.task_log(0), r"\[preemption\] SIGUSR2 received", 2)
     release.touch()
     finished(slurm_cluster, run)
 
@@ -245,8 +246,7 @@ def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
     assert slurm_cluster.job_field(run.job, "Restarts") == "1"
     assert_same_weights(reference.run_dir, run.run_dir)
 
-    found = mlflow_run(run.run_dir)  # one run for both attempts
-    assert found.info.run_id == client_state(run.run_dir / "step-0000004")["mlflow_run_id"]
+    found = mlflow_run(run.run_dir)  # the only run: attempt 2 continued the run id saved at step 4
     assert found.info.run_id == client_state(run.run_dir / f"step-{STEPS:07d}")["mlflow_run_id"]
     assert found.data.tags["attempt"] == "2" and found.data.tags["restart_count"] == "1"
     assert found.data.tags["attempt.1"].startswith(f"start_step=0 job={run.job} restart=0")
@@ -282,19 +282,21 @@ def test_submit_trains_is_interrupted_requeues_and_resumes_bit_exact(
         pytest.fail(logs_of(folder, job.job_id))
     job._interrupt()  # SIGTERM then USR2 to every task
     for path in err:
-        wait_for_file_lines(path, r"\[preemption\] (TERM|USR2) received", 1)
+        wait_for_file_lines(path, r"\[preemption\] SIG(TERM|USR2) received", 1)
     release.touch()
-    summary = job.result()
+    summary, other = job.results()  # the trainer's summary, from each rank
 
     assert summary["status"] == "finished" and summary["step"] == STEPS and summary["exit_code"] == 0
+    assert other["step"] == STEPS and other["mlflow_run_id"] is None  # only rank 0 talks to MLflow
     assert summary["run_dir"] == str(tmp_path / "submitted")
     log = out.read_text()
     assert "preempted at step 4; exit code 75" in log and f"Requeued job {job.job_id}" in log
     assert "resumed from step-0000004 (attempt 2)" in log
     run = tmp_path / "submitted"
-    assert summary["mlflow_run_id"] == client_state(run / "step-0000004")["mlflow_run_id"]
-    assert summary["mlflow_run_id"] == mlflow_run(run).info.run_id
-    assert mlflow_run(run).data.tags["restart_count"] == "1"
+    found = mlflow_run(run)  # the only run, continued by the second attempt
+    assert summary["mlflow_run_id"] == found.info.run_id
+    assert found.data.tags["attempt"] == "2" and found.data.tags["restart_count"] == "1"
+    assert loss_steps(run, found.info.run_id) == list(range(1, STEPS + 1))
     # submitit's launch and the sbatch recipe train the same model to the same bits
     assert_same_weights(reference.run_dir, run)
     submission = (folder / f"{job.job_id}_submission.sh").read_text()

@@ -47,19 +47,21 @@ def test_embedded_store_logs_everything_and_a_resume_continues_the_run(tmp_path:
     grid = tmp_path / "grid.png"
     grid.write_bytes(b"png")
     tracker.log_artifact(grid, "samples")
-    tracker.close()
+    tracker.close(status="KILLED")  # as after a preemption
     run_id = tracker.run_id
+    assert MlflowClient(embedded_uri(tmp_path)).get_run(run_id).info.status == "KILLED"
     assert run_id and (tmp_path / "mlflow_run_id").read_text().strip() == run_id and not logs
 
     again = make_tracker(enabled=True, rank=0, uri=None, experiment="exp", run_dir=tmp_path, run_id=run_id,
                          params={"train.lr": "0.001"}, tags={"attempt": "2"}, log=logs.append)
     again.log_metrics({"loss": 0.25}, 3)
-    again.close()
+    again.close(status="FINISHED")
     assert again.run_id == run_id
 
     client = MlflowClient(embedded_uri(tmp_path))
     run = client.get_run(run_id)
     assert run.data.params == {"train.lr": "0.001"} and run.data.tags["attempt"] == "2"
+    assert run.info.status == "FINISHED" and run.info.end_time is not None
     history = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
     assert history == [(1, 1.0), (2, 0.5), (3, 0.25)]
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/grid.png"]

@@ -105,6 +105,7 @@ def test_zero2_kill_and_resume_is_bit_exact_and_continues_the_mlflow_run(
     run_id = client_state(run / "step-0000008")["mlflow_run_id"]
     assert run_id == (run / "mlflow_run_id").read_text().strip()
     assert len(client.search_runs([client.get_experiment_by_name("dimsum").experiment_id])) == 1
+    assert client.get_run(run_id).info.status == "FINISHED"  # the killed attempt left it RUNNING
     steps = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert {7, 8} <= steps and min(steps) <= 6  # both attempts logged into the one run
     tags = client.get_run(run_id).data.tags

@@ -30,3 +30,15 @@ def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
     vae.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CPU demo's data set (scikit-learn digits as 1x16x16 pixel shards of 500, 500, 500, 297 samples).
+    Shared read-only by the loader, trainer and SLURM tests."""
+    from data_pipeline.demo import build_digits_shards
+
+    folder = tmp_path_factory.mktemp("digits") / "shards"
+    build_digits_shards(folder)
+    return folder
+

@@ -13,19 +13,11 @@ import pytest
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.demo import build_digits_shards
 from data_pipeline.loader import LatentLoader
 from data_pipeline.shards import ShardError, ShardWriter, iter_blocks, new_manifest, write_json_atomic
 from data_pipeline.verify import verify_shard
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("digits") / "shards"
-    build_digits_shards(folder)  # shards of 500, 500, 500, 297 samples
-    return folder
 
 
 def take(folder: Path, n: int, *, batch_size: int = 64, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -56,8 +48,8 @@ def identify(batches: Batches, index: dict[bytes, tuple[str, bool]]) -> list[tup
     return [index[row.numpy().astype(np.float16).tobytes()] for x, _ in batches for row in x]
 
 
-def test_batches_match_the_manifest(digits: Path) -> None:
-    batches, loader = take(digits, 3)
+def test_batches_match_the_manifest(digits_shards: Path) -> None:
+    batches, loader = take(digits_shards, 3)
     assert loader.latent_shape == (1, 16, 16) and loader.num_classes == 10
     assert loader.manifest["num_samples"] == 1797
     for x, y in batches:
@@ -66,31 +58,31 @@ def test_batches_match_the_manifest(digits: Path) -> None:
     assert loader.skipped == 0
 
 
-def test_deterministic_and_seeded(digits: Path) -> None:
-    a, _ = take(digits, 12, seed=1)
-    b, _ = take(digits, 12, seed=1)
-    c, _ = take(digits, 12, seed=2)
+def test_deterministic_and_seeded(digits_shards: Path) -> None:
+    a, _ = take(digits_shards, 12, seed=1)
+    b, _ = take(digits_shards, 12, seed=1)
+    c, _ = take(digits_shards, 12, seed=2)
     assert same(a, b) and not same(a, c)
 
 
-def test_resume_at_any_step_with_workers(digits: Path) -> None:
+def test_resume_at_any_step_with_workers(digits_shards: Path) -> None:
     """Batch k of an uninterrupted run == first batch of a run started at k, mid-pass or at pass edges."""
-    reference, _ = take(digits, 40, num_workers=2)
+    reference, _ = take(digits_shards, 40, num_workers=2)
     # stream position of batch k is (k // 2) * 64: k = 8 resumes mid-pass, k = 15 straddles two passes
     for k in (1, 2, 8, 15, 31):
-        resumed, _ = take(digits, 40 - k, num_workers=2, start_step=k)
+        resumed, _ = take(digits_shards, 40 - k, num_workers=2, start_step=k)
         assert same(resumed, reference[k:]), f"start_step={k}"
-    in_main_process, _ = take(digits, 40, num_workers=0, streams=2)
+    in_main_process, _ = take(digits_shards, 40, num_workers=0, streams=2)
     assert same(in_main_process, reference)  # the stream depends on streams, not on the worker count
 
 
-def test_ranks_split_shards_and_cover_each_once(digits: Path) -> None:
-    index = sample_index(digits)
-    rank0, _ = take(digits, 20, batch_size=50, rank=0, world_size=2, num_workers=2, resampled=False)
-    rank1, _ = take(digits, 10, batch_size=50, rank=1, world_size=2, num_workers=2, resampled=False)
+def test_ranks_split_shards_and_cover_each_once(digits_shards: Path) -> None:
+    index = sample_index(digits_shards)
+    rank0, _ = take(digits_shards, 20, batch_size=50, rank=0, world_size=2, num_workers=2, resampled=False)
+    rank1, _ = take(digits_shards, 10, batch_size=50, rank=1, world_size=2, num_workers=2, resampled=False)
     seen0, seen1 = identify(rank0, index), identify(rank1, index)
     # rank 0's two streams own shards 0 and 2 (500 samples each): 20 batches of 50 are exactly one pass each
-    owned = [k for s in (0, 2) for _, m in iter_blocks(digits / f"shard-00000{s}.tar")
+    owned = [k for s in (0, 2) for _, m in iter_blocks(digits_shards / f"shard-00000{s}.tar")
              for k in json.loads(m["keys.json"])]
     assert sorted(k for k, _ in seen0) == sorted(owned)  # every sample once, none twice
     assert not {k for k, _ in seen1} & {k for k, _ in seen0}
@@ -98,36 +90,36 @@ def test_ranks_split_shards_and_cover_each_once(digits: Path) -> None:
     assert 400 < flipped < 600  # about half of the samples come out mirrored
 
 
-def test_no_flip_when_disabled(digits: Path) -> None:
-    batches, _ = take(digits, 4, random_flip=False)
+def test_no_flip_when_disabled(digits_shards: Path) -> None:
+    batches, _ = take(digits_shards, 4, random_flip=False)
     unflipped = set()
-    for shard in digits.glob("*.tar"):
+    for shard in digits_shards.glob("*.tar"):
         for _, members in iter_blocks(shard):
             unflipped |= {row.tobytes() for row in np.load(io.BytesIO(members["latent.npy"]))}
     assert all(row.numpy().astype(np.float16).tobytes() in unflipped for x, _ in batches for row in x)
 
 
-def test_ranks_differ_when_resampled(digits: Path) -> None:
-    rank0, _ = take(digits, 6, rank=0, world_size=2, num_workers=2)
-    rank1, _ = take(digits, 6, rank=1, world_size=2, num_workers=2)
+def test_ranks_differ_when_resampled(digits_shards: Path) -> None:
+    rank0, _ = take(digits_shards, 6, rank=0, world_size=2, num_workers=2)
+    rank1, _ = take(digits_shards, 6, rank=1, world_size=2, num_workers=2)
     assert not any(torch.equal(a[0], b[0]) for a, b in zip(rank0, rank1, strict=True))
 
 
-def test_more_readers_than_shards(digits: Path) -> None:
+def test_more_readers_than_shards(digits_shards: Path) -> None:
     with pytest.raises(ShardError, match=r"3 rank\(s\) x 2 stream\(s\) = 6 readers but only 4"):
-        take(digits, 1, world_size=3, num_workers=2, resampled=False)
+        take(digits_shards, 1, world_size=3, num_workers=2, resampled=False)
     with pytest.warns(UserWarning, match="6 readers but only 4"):
-        take(digits, 1, world_size=3, num_workers=2, resampled=True)
+        take(digits_shards, 1, world_size=3, num_workers=2, resampled=True)
 
 
-def test_global_torch_rng_untouched(digits: Path) -> None:
+def test_global_torch_rng_untouched(digits_shards: Path) -> None:
     state = torch.get_rng_state()
-    take(digits, 3, num_workers=2)
+    take(digits_shards, 3, num_workers=2)
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_wrong_latent_shape_never_reaches_the_model(digits: Path, tmp_path: Path) -> None:
-    folder = Path(shutil.copytree(digits, tmp_path / "shards"))
+def test_wrong_latent_shape_never_reaches_the_model(digits_shards: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(digits_shards, tmp_path / "shards"))
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["latent_shape"] = manifest["stored_shape"] = [1, 8, 8]
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -218,12 +210,12 @@ def test_moments_are_sampled_then_scaled(tmp_path: Path) -> None:
     assert 0.85 < noise.std().item() * (16 / 15) ** 0.5 < 1.15
 
 
-def test_workers_survive_the_sigterm_slurm_sends_to_every_process(digits: Path) -> None:
+def test_workers_survive_the_sigterm_slurm_sends_to_every_process(digits_shards: Path) -> None:
     """The trainer turns SIGTERM into a collective save; the loader's workers must keep serving until then."""
     import os
     import signal
 
-    loader = LatentLoader(DataConfig(shards=str(digits), num_workers=2), batch_size=16, seed=0, rank=0,
+    loader = LatentLoader(DataConfig(shards=str(digits_shards), num_workers=2), batch_size=16, seed=0, rank=0,
                           world_size=1)
     stream = iter(loader)
     first = [next(stream) for _ in range(2)]
@@ -233,5 +225,5 @@ def test_workers_survive_the_sigterm_slurm_sends_to_every_process(digits: Path) 
         os.kill(int(pid), signal.SIGTERM)
     rest = [next(stream) for _ in range(6)]
     stream.close()
-    expected, _ = take(digits, 8, batch_size=16, num_workers=2)
+    expected, _ = take(digits_shards, 8, batch_size=16, num_workers=2)
     assert same(first + rest, expected)

@@ -151,11 +151,11 @@ class RecipeRun:
         return self.logs / f"dimsum-l2-{self.job}.restart{restart}.log"
 
 
-def sbatch_recipe(cluster: LocalCluster, root: Path, shards: Path, name: str, **env: str) -> RecipeRun:
+def sbatch_recipe(cluster: LocalCluster, root: Path, digits_shards: Path, name: str, **env: str) -> RecipeRun:
     logs = root / f"{name}-logs"
     logs.mkdir()
     job = cluster.sbatch(*CPU_SHAPE, f"--output={logs}/%x-%j.out", "slurm/imagenet_l2.sbatch",
-                         *overrides(root, shards, name, tracking=True, max_steps=STEPS),
+                         *overrides(root, digits_shards, name, tracking=True, max_steps=STEPS),
                          env={"DIMSUM_LOG_DIR": str(logs), "DIMSUM_OVERRIDES": TINY_RECIPE,
                               "OMP_NUM_THREADS": "1", **env})
     return RecipeRun(job, root / name, logs)
@@ -180,19 +180,11 @@ def loss_steps(run_dir: Path, run_id: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data_pipeline.demo import build_digits_shards
-
-    out = tmp_path_factory.mktemp("digits")
-    build_digits_shards(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(slurm_cluster: LocalCluster, shards: Path,
+def reference(slurm_cluster: LocalCluster, digits_shards: Path,
               tmp_path_factory: pytest.TempPathFactory) -> RecipeRun:
     """An uninterrupted sbatch run of the recipe: the bit-exact reference for the interrupted ones."""
-    run = sbatch_recipe(slurm_cluster, tmp_path_factory.mktemp("runs"), shards, "reference")
+    run = sbatch_recipe(slurm_cluster, tmp_path_factory.mktemp("runs"), digits_shards,
+                        "reference")
     finished(slurm_cluster, run)
     return run
 
@@ -222,9 +214,9 @@ def test_sbatch_recipe_trains_to_a_complete_checkpoint_and_an_mlflow_run(referen
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
-        slurm_cluster: LocalCluster, shards: Path, reference: RecipeRun, tmp_path: Path) -> None:
+        slurm_cluster: LocalCluster, digits_shards: Path, reference: RecipeRun, tmp_path: Path) -> None:
     release = tmp_path / "release"
-    run = sbatch_recipe(slurm_cluster, tmp_path, shards, "preempted", DIMSUM_FAULTS=PAUSE,
+    run = sbatch_recipe(slurm_cluster, tmp_path, digits_shards, "preempted", DIMSUM_FAULTS=PAUSE,
                         DIMSUM_FAULTS_RELEASE=str(release))
     try:
         # Step 3's log line is a collective: both ranks are past step 3 and will wait at step 4.
@@ -264,14 +256,15 @@ def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_submit_trains_is_interrupted_requeues_and_resumes_bit_exact(
-        slurm_cluster: LocalCluster, shards: Path, reference: RecipeRun, tmp_path: Path,
+        slurm_cluster: LocalCluster, digits_shards: Path, reference: RecipeRun, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """launch.submit of the same tiny recipe through submitit; job._interrupt() as on preemption."""
     release = tmp_path / "release"
     monkeypatch.setenv("DIMSUM_FAULTS", PAUSE)  # sbatch exports the submitting environment to the job
     monkeypatch.setenv("DIMSUM_FAULTS_RELEASE", str(release))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = [*TINY_RECIPE.split(), *overrides(tmp_path, shards, "submitted", tracking=True, max_steps=STEPS)]
+    tiny = overrides(tmp_path, digits_shards, "submitted", tracking=True, max_steps=STEPS)
+    args = [*TINY_RECIPE.split(), *tiny]
     job = submit(REPO / "configs" / "imagenet_l2.yaml", args, cluster="slurm", nodes=2, gpus_per_node=0,
                  cpus_per_task=1, time="60", folder=tmp_path / "%j")
     folder = tmp_path / job.job_id

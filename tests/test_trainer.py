@@ -60,35 +60,26 @@ def ok(proc: subprocess.CompletedProcess, code: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data_pipeline.demo import build_digits_shards
-
-    out = tmp_path_factory.mktemp("digits")
-    build_digits_shards(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
 @pytest.fixture(scope="module")
-def zero2_reference(root: Path, shards: Path) -> Path:
-    ok(torchrun([*overrides(root, shards, "z2-ref", max_steps=8), *ZERO2]))
+def zero2_reference(root: Path, digits_shards: Path) -> Path:
+    ok(torchrun([*overrides(root, digits_shards, "z2-ref", max_steps=8), *ZERO2]))
     assert (root / "z2-ref" / "samples" / "step-0000004.png").is_file()
     return root / "z2-ref"
 
 
 @pytest.fixture(scope="module")
-def zero3_reference(root: Path, shards: Path) -> Path:
-    ok(torchrun([*overrides(root, shards, "z3-ref", ckpt_every=1), *ZERO3]))
+def zero3_reference(root: Path, digits_shards: Path) -> Path:
+    ok(torchrun([*overrides(root, digits_shards, "z3-ref", ckpt_every=1), *ZERO3]))
     return root / "z3-ref"
 
 
 def test_zero2_kill_and_resume_is_bit_exact_and_continues_the_mlflow_run(
-        root: Path, shards: Path, zero2_reference: Path) -> None:
-    args = [*overrides(root, shards, "z2-kill", tracking=True, max_steps=8), *ZERO2]
+        root: Path, digits_shards: Path, zero2_reference: Path) -> None:
+    args = [*overrides(root, digits_shards, "z2-kill", tracking=True, max_steps=8), *ZERO2]
     # the save at step 4 fails on rank 1 (disk full): removed, training goes on; rank 1 is killed at step 7
     killed = torchrun(args, faults="enospc_in_save@4:1,kill@7:1")
     assert killed.returncode != 0
@@ -116,8 +107,8 @@ def test_zero2_kill_and_resume_is_bit_exact_and_continues_the_mlflow_run(
 
 
 def test_zero3_kill_during_save_resumes_from_previous_checkpoint_bit_exact(
-        root: Path, shards: Path, zero3_reference: Path) -> None:
-    args = [*overrides(root, shards, "z3-kill", ckpt_every=1), *ZERO3]
+        root: Path, digits_shards: Path, zero3_reference: Path) -> None:
+    args = [*overrides(root, digits_shards, "z3-kill", ckpt_every=1), *ZERO3]
     killed = torchrun(args, faults="kill_in_save@4:1")
     assert killed.returncode != 0
     run = root / "z3-kill"
@@ -178,8 +169,8 @@ class Ranks:
 
 
 def test_zero1_preemption_signal_saves_at_step_boundary_exits_75_and_resumes(root: Path,
-                                                                            shards: Path) -> None:
-    args = [*overrides(root, shards, "z1-preempt", max_steps=1000, ckpt_every=1000),
+                                                                            digits_shards: Path) -> None:
+    args = [*overrides(root, digits_shards, "z1-preempt", max_steps=1000, ckpt_every=1000),
             "deepspeed.zero_stage=1"]
     # rank 0 also gets SIGTERM in the middle of writing the preemption checkpoint (a second signal)
     ranks = Ranks(args, faults="signal_in_save@1-:0")
@@ -196,8 +187,8 @@ def test_zero1_preemption_signal_saves_at_step_boundary_exits_75_and_resumes(roo
     assert complete_steps(run) == [stopped, stopped + 2]
 
 
-def test_nonfinite_losses_are_skipped_on_all_ranks_then_stop_the_run(root: Path, shards: Path) -> None:
-    args = [*overrides(root, shards, "nan", ckpt_every=1, max_nonfinite=3), "deepspeed.zero_stage=2"]
+def test_nonfinite_losses_are_skipped_on_all_ranks_then_stop_the_run(root: Path, digits_shards: Path) -> None:
+    args = [*overrides(root, digits_shards, "nan", ckpt_every=1, max_nonfinite=3), "deepspeed.zero_stage=2"]
     proc = torchrun(args, faults="nan@2:1,nan@4-:1")  # NaN on rank 1 only
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
@@ -210,23 +201,24 @@ def test_nonfinite_losses_are_skipped_on_all_ranks_then_stop_the_run(root: Path,
     load_run_weights(run)  # the last good checkpoint is intact and loadable
 
 
-def test_bad_config_fails_before_any_work_with_the_field_named(root: Path, shards: Path,
+def test_bad_config_fails_before_any_work_with_the_field_named(root: Path, digits_shards: Path,
                                                               zero2_reference: Path) -> None:
     def train(*args: str, world: str = "2") -> subprocess.CompletedProcess:
         env = base_env(RANK="0", WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         return subprocess.run([sys.executable, "-m", "launch.cli", "train", str(CONFIG), *args], env=env,
                               capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
 
-    proc = train(*overrides(root, shards, "bad", global_batch=7))
+    proc = train(*overrides(root, digits_shards, "bad", global_batch=7))
     assert proc.returncode == 2
     assert ("train.global_batch: got 7; global_batch=7 must be a multiple of micro_batch x world_size"
             in proc.stderr)
-    proc = train(*overrides(root, shards, "bad"), "train.lrr=1")
+    proc = train(*overrides(root, digits_shards, "bad"), "train.lrr=1")
     assert proc.returncode == 2 and "train.lrr" in proc.stderr and "did you mean 'lr'" in proc.stderr
-    proc = train(*overrides(root, shards, "bad"), "model.in_channels=4", world="1")
+    proc = train(*overrides(root, digits_shards, "bad"), "model.in_channels=4", world="1")
     assert proc.returncode == 2 and "model.in_channels: got 4" in proc.stderr and "1 channels" in proc.stderr
     assert not (root / "bad").exists()
-    proc = train(*overrides(root, shards, "z2-ref", max_steps=9), world="1")  # resume with another world size
+    # resume with another world size
+    proc = train(*overrides(root, digits_shards, "z2-ref", max_steps=9), world="1")
     assert proc.returncode == 1 and "was written by 2 ranks but this job has 1" in proc.stderr
     assert complete_steps(zero2_reference) == [6, 8]
 

@@ -16,8 +16,6 @@ from torch import nn
 
 from dimsum.config import Config, ConfigError
 
-SCAN_ORDERS = ("sweep-4", "sweep-8", "zigzag-8", "jpeg-8", "window", "bi")
-
 
 @dataclasses.dataclass
 class ModelConfig(Config):
@@ -69,10 +67,6 @@ class ModelConfig(Config):
     def grid_size(self) -> int:
         return self.input_size // self.patch_size
 
-    @property
-    def num_label_rows(self) -> int:
-        """Label-table rows: one extra "null" row when labels are dropped for classifier-free guidance."""
-        return self.num_classes + int(self.label_dropout > 0)
 
 
 def _dimsum(name: str, depth: int, hidden: int, patch: int = 2, **kw: Any) -> ModelConfig:

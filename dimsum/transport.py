@@ -57,7 +57,7 @@ class Transport:
         if time_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"transport time_sampling: got {time_sampling!r}; "
                              "expected 'uniform' or 'logit_normal'")
-        self.path_name, self.path, self.time_sampling = path, PATHS[path](), time_sampling
+        self.path, self.time_sampling = PATHS[path](), time_sampling
 
     def sample_time(self, n: int, device: torch.device | str = "cpu") -> Tensor:
         """t in [0, 1): uniform, or logit-normal (sigmoid of N(0, 1): favours the middle of the path)."""

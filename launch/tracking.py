@@ -52,7 +52,6 @@ class NullTracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
-    def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def close(self, status: str | None = None) -> None: ...
 
 
@@ -99,9 +98,6 @@ class MLflowTracker:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._put(("artifact", str(path), artifact_path))
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._put(("tags", dict(tags)))
 
     def _put(self, item: tuple) -> None:
         try:

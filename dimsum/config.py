@@ -14,10 +14,12 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union
 
+from dimsum.errors import UserError
+
 C = TypeVar("C", bound="Config")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is wrong. ``path`` is the dotted field, e.g. ``train.global_batch``."""
 
     def __init__(self, path: str, value: Any, allowed: str) -> None:

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from dimsum.config import ConfigError
+from dimsum.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("launch.commands.models", "list the model registry with parameter counts and GFLOPs"),
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except ConfigError as err:
         print(f"dimsum {name}: config error: {err}", file=sys.stderr)
+        return 2
+    except UserError as err:
+        print(f"dimsum {name}: {err}", file=sys.stderr)
         return 2
 
 

@@ -342,3 +342,13 @@ def test_one_mamba_call_saves_o_of_b_d_plus_n_l_on_the_cuda_path() -> None:
     assert cuda_path[1] < batch * d_inner * length * state // 4, "a (B, D, L, N) tensor was saved"
     assert cuda_path[0] <= 16 * activations
     assert cuda_path[0] <= 1.1 * torch_path[0], (cuda_path, torch_path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_on_cuda_without_kernels_warns_once_and_uses_torch(record_imports) -> None:
+    inputs = {k: v.float().cuda() for k, v in make_inputs().items()}
+    with pytest.warns(RuntimeWarning, match="'selective_scan_cuda'.*launch-bound") as caught:
+        for _ in range(3):
+            selective_scan(**inputs, delta_softplus=True)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1

@@ -323,9 +323,9 @@ def _cuda_kernels() -> _CudaKernels:
 @functools.cache
 def _warn_torch_fallback(missing: str) -> None:
     warnings.warn(f"backend='auto' on CUDA runs the pure-PyTorch scan because {missing}. It is launch-bound "
-                  f"(thousands of small kernels per Mamba call, against one fused kernel), so expect steps "
-                  f"several times slower; install the 'cuda' extra (README, GPU) or set the backend to "
-                  f"'torch' to silence this", RuntimeWarning, stacklevel=3)
+                  f"(thousands of small kernels per Mamba call, against one fused kernel), so expect much "
+                  f"slower steps (benchmarks/gpu_check.py measures both); install the 'cuda' extra (README, "
+                  f"GPU) or set the backend to 'torch' to silence this", RuntimeWarning, stacklevel=3)
 
 
 def _resolve_backend(backend: str, x: Tensor) -> str:

@@ -9,6 +9,11 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export HF_HUB_OFFLINE := 1
 
+# The Python sources of the pinned kernel packages (the cuda extra), for tests/test_kernel_contract.py: no
+# CUDA build, and no prebuilt-wheel download (their setup.py tries one unless FORCE_BUILD is set).
+UPSTREAM_KERNEL_SOURCES := MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+	CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE
+
 .PHONY: setup demo test lint
 
 setup: $(STAMP)
@@ -19,6 +24,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(UPSTREAM_KERNEL_SOURCES) $(BIN)/pip install --quiet --no-deps --no-build-isolation \
+		"mamba-ssm==2.3.2.post1" "causal-conv1d==1.7.0"
 	$(BIN)/python -m launch.distributed --prebuild
 	touch $(STAMP)
 

@@ -16,12 +16,15 @@ times is printed (goal <= 1.15x). Then a checkpoint save is timed and printed as
 
 ``--activation-memory DiMSUM-XL/2`` instead measures what a training step must keep for backward: the
 bytes of every tensor autograd saves during one bf16-autocast forward of one 256 px image (4x32x32
-latent), deduplicated by storage. It sizes the per-GPU batch in configs/imagenet_xl2.yaml.
+latent), deduplicated by storage. It sizes the per-GPU batch in configs/imagenet_*.yaml. It measures both
+scan backends: "torch", and "cuda" as the GPU runs it (zero-state kernel + the h0 term) with the torch
+zero-state scan standing in for the compiled kernel, whose saved inputs have the same (B, D, L) sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.demo import build_digits_shards, digits_pixels
+from dimsum import scan
 from dimsum.registry import build_model
 from dimsum.transport import Transport
 from launch.config import load_config
@@ -61,8 +65,9 @@ def bare_loop(cfg, batches: list[tuple[torch.Tensor, torch.Tensor]]):
     return step
 
 
-def saved_activation_bytes(name: str, batch: int) -> int:
-    """Bytes autograd saves for backward in one bf16-autocast forward of ``batch`` 256 px images."""
+def saved_activation_bytes(name: str, batch: int, backend: str) -> int:
+    """Bytes autograd saves for backward in one bf16-autocast forward of ``batch`` 256 px images, with the
+    scan ``backend`` ("torch", or "cuda" emulated on CPU)."""
     cfg = load_config(None, [f"model.name={name}", "model.input_size=32", "model.num_classes=1000"]).model
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -75,17 +80,23 @@ def saved_activation_bytes(name: str, batch: int) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+    path = scan.emulated_kernels() if backend == "cuda" else contextlib.nullcontext()
+    with path, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", torch.bfloat16):
         model(x, t, y).float().pow(2).mean()
     return sum(storages.values())
 
 
 def activation_report(name: str) -> None:
     """Per-image activations = saved(2) - saved(1); the rest (bf16 weight copies) is per step."""
-    one, two = saved_activation_bytes(name, 1), saved_activation_bytes(name, 2)
-    per_image, fixed = two - one, 2 * one - two
-    print(f"{name} at 256 px, bf16 autocast: {per_image / 2**30:.3f} GiB saved activations per image, "
-          f"+ {fixed / 2**30:.3f} GiB per step independent of the batch (bf16 weight casts)")
+    per_image = {}
+    for backend in ("torch", "cuda"):
+        one, two = saved_activation_bytes(name, 1, backend), saved_activation_bytes(name, 2, backend)
+        per_image[backend], fixed = two - one, 2 * one - two
+        print(f"{name} at 256 px, bf16 autocast, {backend} scan: {per_image[backend] / 2**30:.3f} GiB saved "
+              f"activations per image, + {fixed / 2**30:.3f} GiB per step independent of the batch "
+              f"(bf16 weight casts)")
+    print(f"cuda / torch: {per_image['cuda'] / per_image['torch']:.3f}x")
 
 
 def main() -> int:

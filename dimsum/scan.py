@@ -18,7 +18,10 @@ autocast, and the result is returned in u's dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -80,9 +83,81 @@ def initial_state_correction(delta: Tensor, A: Tensor, C: Tensor, h0: Tensor) ->
     so y_t[d] gains sum_n C_t[n] exp(A[d, n] sum_{s<=t} delta_s[d]) h0[d, n]. ``delta`` is the value AFTER
     bias and softplus. The exponent is <= 0 for A < 0 and delta >= 0, so this never overflows.
     """
-    dtype = _compute_dtype(delta)
-    decay = torch.exp(delta.to(dtype).cumsum(-1).unsqueeze(-1) * A.to(dtype).unsqueeze(1))  # (B, D, L, N)
-    return torch.einsum("bdln,bdn,bnl->bdl", decay, h0.to(dtype), C.to(dtype))
+    return _InitialStateTerm.apply(delta, None, False, A, C, h0, None)
+
+
+def _softplus_grad(x: Tensor) -> Tensor:
+    """d softplus / dx as F.softplus computes it (linear above its threshold 20), so gradients match."""
+    return torch.where(x > 20, torch.ones_like(x), torch.sigmoid(x))
+
+
+def _silu_grad(z: Tensor) -> Tensor:
+    sig = torch.sigmoid(z)
+    return sig * (1 + z * (1 - sig))
+
+
+class _InitialStateTerm(torch.autograd.Function):
+    """The h0 term, gated: corr[b, d, l] * silu(z) with corr = sum_n C[b, n, l] exp(A[d, n] S[b, d, l])
+    h0[b, d, n] and S = cumsum(delta) for delta after its bias and softplus.
+
+    The (B, D, L, N) decay exp(A S) is the largest tensor of the layer (N times the activations), so it is
+    never kept: both passes build it per channel block. Only the inputs are saved, which the scan kernel
+    keeps anyway (raw delta, z), so the term adds O(B N L + B D N) to what backward holds; S, the softplus
+    and the gate are recomputed. With E = exp(A S) and Q = g C E for the gradient g of corr: dh0 = sum_l Q,
+    R = Q h0 gives dS = sum_n R A and dA = sum_{b,l} R S, and dC = sum_d g E h0.
+    """
+
+    @staticmethod
+    def forward(ctx, delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool,  # noqa: PLR0917
+                A: Tensor, C: Tensor, h0: Tensor, z: Tensor | None) -> Tensor:
+        ctx.delta_softplus = delta_softplus
+        ctx.save_for_backward(delta, delta_bias, A, C, h0, z)
+        dtype = _compute_dtype(delta)
+        S = _prepare_delta(delta, delta_bias, delta_softplus, dtype).cumsum(-1)
+        A, Ct, h0 = A.to(dtype), C.to(dtype).transpose(1, 2).unsqueeze(1), h0.to(dtype)  # Ct (B, 1, L, N)
+        out = S.new_empty(S.shape)
+        for s in _InitialStateTerm._slices(S, A):
+            decay = torch.exp(S[:, s, :, None] * A[None, s, None, :])
+            out[:, s] = decay.mul_(h0[:, s, None, :]).mul_(Ct).sum(-1)
+        return out if z is None else out.mul_(F.silu(z.to(dtype)))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        delta, delta_bias, A_in, C_in, h0_in, z = ctx.saved_tensors
+        dtype = _compute_dtype(delta)
+        with torch.autocast(delta.device.type, enabled=False):
+            raw = delta.to(dtype) if delta_bias is None else delta.to(dtype) + delta_bias.to(dtype)[:, None]
+            S = (F.softplus(raw) if ctx.delta_softplus else raw).cumsum(-1)
+            A, Ct, h0 = A_in.to(dtype), C_in.to(dtype).transpose(1, 2).unsqueeze(1), h0_in.to(dtype)
+            g = grad.to(dtype) if z is None else grad.to(dtype) * F.silu(z.to(dtype))
+            corr = None if z is None else torch.empty_like(S)
+            dS, dA, dh0 = torch.empty_like(S), torch.empty_like(A), torch.empty_like(h0)
+            dCt = S.new_zeros(Ct.shape[0], Ct.shape[2], Ct.shape[3])  # (B, L, N)
+            for s in _InitialStateTerm._slices(S, A):
+                decay = torch.exp(S[:, s, :, None] * A[None, s, None, :])
+                if corr is not None:
+                    corr[:, s] = (decay * h0[:, s, None, :]).mul_(Ct).sum(-1)
+                decay.mul_(g[:, s, :, None])  # g E
+                q = decay * Ct
+                dh0[:, s] = q.sum(2)
+                r = q.mul_(h0[:, s, None, :])
+                dS[:, s] = (r * A[None, s, None, :]).sum(-1)
+                dA[s] = r.mul_(S[:, s, :, None]).sum((0, 2))
+                dCt += decay.mul_(h0[:, s, None, :]).sum(1)
+            d_delta = dS.flip(-1).cumsum(-1).flip(-1)  # through S = cumsum(delta)
+            if ctx.delta_softplus:
+                d_delta = d_delta * _softplus_grad(raw)
+            d_bias = None if delta_bias is None else d_delta.sum((0, 2)).to(delta_bias.dtype)
+            dz = None if z is None else (grad.to(dtype) * corr * _silu_grad(z.to(dtype))).to(z.dtype)
+        return (d_delta.to(delta.dtype), d_bias, None, dA.to(A_in.dtype), dCt.transpose(1, 2).to(C_in.dtype),
+                dh0.to(h0_in.dtype), dz)
+
+    @staticmethod
+    def _slices(S: Tensor, A: Tensor) -> Iterator[slice]:
+        batch, channels, length = S.shape
+        budget = CPU_BLOCK_ELEMENTS if S.device.type == "cpu" else GPU_BLOCK_ELEMENTS
+        size = min(channels, max(1, budget // (batch * length * A.shape[1])))
+        return (slice(i, i + size) for i in range(0, channels, size))
 
 
 # ----------------------------------------------------------------------------- torch backend
@@ -214,12 +289,26 @@ def _torch_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D:
 class _CudaKernels(NamedTuple):
     selective_scan_fn: Callable[..., Tensor] | None
     causal_conv1d_fn: Callable[..., Tensor] | None
-    missing: str  # why the kernels are unavailable; "" when both imported
+    missing: str  # why the kernels are unavailable; "" when both loaded
+
+
+# The compiled extensions behind the Python interfaces. The packages can import without them (mamba-ssm's
+# unreleased main no longer builds selective_scan_cuda by default), so the probe loads the extensions.
+_KERNEL_MODULES = (("mamba_ssm", "selective_scan_cuda"), ("causal_conv1d", "causal_conv1d_cuda"))
+_emulated: _CudaKernels | None = None
 
 
 @functools.cache
 def _cuda_kernels() -> _CudaKernels:
-    """Import the CUDA kernels once. Only called for CUDA tensors, so CPU runs never import them."""
+    """Load the compiled kernels once. Only called for CUDA tensors, so CPU runs never import them."""
+    if _emulated is not None:
+        return _emulated
+    for package, extension in _KERNEL_MODULES:
+        try:
+            importlib.import_module(extension)
+        except (ImportError, OSError) as e:
+            return _CudaKernels(None, None, f"the compiled extension '{extension}' of package '{package}' "
+                                            f"failed to load ({type(e).__name__}: {e})")
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except (ImportError, OSError) as e:
@@ -231,10 +320,22 @@ def _cuda_kernels() -> _CudaKernels:
     return _CudaKernels(selective_scan_fn, causal_conv1d_fn, "")
 
 
+@functools.cache
+def _warn_torch_fallback(missing: str) -> None:
+    warnings.warn(f"backend='auto' on CUDA runs the pure-PyTorch scan because {missing}. It is launch-bound "
+                  f"(thousands of small kernels per Mamba call, against one fused kernel), so expect much "
+                  f"slower steps (benchmarks/gpu_check.py measures both); install the 'cuda' extra (README, "
+                  f"GPU) or set the backend to 'torch' to silence this", RuntimeWarning, stacklevel=3)
+
+
 def _resolve_backend(backend: str, x: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+    if backend == "torch":
+        return "torch"
+    if _emulated is not None:
+        return "cuda"
+    if backend == "auto" and not x.is_cuda:
         return "torch"
     if not x.is_cuda:
         raise RuntimeError(f"backend='cuda' needs CUDA tensors, got a tensor on device '{x.device}'")
@@ -242,7 +343,30 @@ def _resolve_backend(backend: str, x: Tensor) -> str:
     if backend == "cuda" and missing:
         raise RuntimeError(f"backend='cuda' is unavailable: {missing}; install the 'cuda' extra or use "
                            f"backend='torch'")
+    if missing:
+        _warn_torch_fallback(missing)
     return "torch" if missing else "cuda"
+
+
+@contextlib.contextmanager
+def emulated_kernels(selective_scan_fn: Callable[..., Tensor] | None = None,
+                     causal_conv1d_fn: Callable[..., Tensor] | None = None) -> Iterator[None]:
+    """Run the "auto"/"cuda" backends through the cuda backend's code path on any device, with stand-ins for
+    the compiled kernels (by default the torch zero-state scan and conv, which have their signatures).
+
+    For CPU checks of what the GPU path computes and keeps for backward: the tests and the activation-memory
+    estimate of ``benchmarks/trainer.py``. Not thread-safe; restores the real probe on exit.
+    """
+    global _emulated  # noqa: PLW0603 (one switch for the whole module, undone on exit)
+    previous = _emulated
+    _emulated = _CudaKernels(selective_scan_fn or functools.partial(selective_scan, backend="torch"),
+                             causal_conv1d_fn or functools.partial(causal_conv1d, backend="torch"), "")
+    _cuda_kernels.cache_clear()
+    try:
+        yield
+    finally:
+        _emulated = previous
+        _cuda_kernels.cache_clear()
 
 
 def scan_with_zero_state_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
@@ -261,9 +385,7 @@ def scan_with_zero_state_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
     if h0 is None:
         return y
     with torch.autocast(u.device.type, enabled=False):
-        corr = initial_state_correction(_prepare_delta(delta, delta_bias, delta_softplus, dtype), A, C, h0)
-        if z is not None:
-            corr = corr * F.silu(z.to(dtype))
+        corr = _InitialStateTerm.apply(delta, delta_bias, delta_softplus, A, C, h0, z)
         return (y.to(dtype) + corr).to(u.dtype)
 
 

@@ -20,9 +20,11 @@ Token layouts of the 16 x C x (grid/4)^2 coefficients on a grid x grid token map
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -44,16 +46,33 @@ def _haar(device: torch.device) -> tuple[DWTForward, DWTInverse]:
                 DWTInverse(wave="haar", mode="zero").to(device))
 
 
+@contextlib.contextmanager
+def _strict_fp32(device: torch.device) -> Iterator[None]:
+    """Full fp32 convolutions on GPU. PyTorch lets cuDNN run fp32 convolutions in TF32 (a 10-bit mantissa)
+    by default, which would break the exact inverse; the Haar filters are 2 x 2, so this costs nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    conv = torch.backends.cudnn.conv
+    previous, conv.fp32_precision = conv.fp32_precision, "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = previous
+
+
 def _split(x: torch.Tensor) -> torch.Tensor:
     """One Haar level on every channel: (B, C, H, W) -> (B, 4, C, H/2, W/2), band order LL, LH, HL, HH."""
-    low, (high,) = _haar(x.device)[0](x)
+    with _strict_fp32(x.device):
+        low, (high,) = _haar(x.device)[0](x)
     return torch.cat([low.unsqueeze(2), high], dim=2).transpose(1, 2)
 
 
 def _merge(bands: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_split`."""
     bands = bands.transpose(1, 2)
-    return _haar(bands.device)[1]((bands[:, :, 0], [bands[:, :, 1:]]))
+    with _strict_fp32(bands.device):
+        return _haar(bands.device)[1]((bands[:, :, 0], [bands[:, :, 1:]]))
 
 
 def haar_packet(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +115,8 @@ def tokens_to_bands(tokens: torch.Tensor, layout: Layout, h: int) -> torch.Tenso
 class HaarPacketTokens(nn.Module):
     """Token map -> wavelet-packet tokens and back. No parameters and no state (see the module docstring).
 
-    Runs in float32 with autocast off: the transform is cheap and must invert to fp32 rounding.
+    Runs in float32 with autocast off, and without TF32 on GPU: the transform is cheap and must invert to
+    fp32 rounding.
     """
 
     def __init__(self, layout: Layout = "subband") -> None:

@@ -21,7 +21,6 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,32 +99,6 @@ def init_distributed(device: str) -> DistEnv:
 
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False)
     return env
-
-
-def all_reduce_max(values: list[float], device: str | torch.device = "cpu") -> list[float]:
-    """Element-wise max over ranks: one collective for several flags (any rank's "stop" stops all)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
-
-
-def all_reduce_mean(values: list[float], device: str | torch.device = "cpu") -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor.tolist()
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def all_true(flag: bool) -> bool:
-    """True only when every rank passed True (a collective; every rank must call it)."""
-    return all_reduce_max([float(not flag)])[0] == 0.0
 
 
 def prebuild_ops() -> Path:

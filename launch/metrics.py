@@ -1,28 +1,57 @@
 """Throughput, achieved TFLOP/s, MFU and peak memory for the progress line and MLflow.
 
 FLOPs come from the analytic count: ``forward_gmacs(cfg)`` MACs per image for the forward pass, x3 for
-forward + backward, x2 FLOPs per MAC. MFU is against the device's dense bf16 peak; CPUs have no agreed
-peak, so on CPU only TFLOP/s is reported.
+forward + backward, x2 FLOPs per MAC. MFU is against the device's dense bf16 peak, looked up by
+device name; a GPU not in the table and CPUs (no agreed peak) report TFLOP/s only, never a guessed MFU.
 """
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
+import warnings
 
 import torch
 
 from dimsum.flops import forward_gmacs
 from dimsum.registry import ModelConfig
 
-BF16_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0}
+# Dense (no sparsity) bf16 tensor-core peaks from the vendor's data sheets, matched as substrings of
+# torch.cuda.get_device_name() in this order, so the more specific names come first ("H100 PCIe" is a
+# different part from the SXM "H100 80GB HBM3", and "H100 NVL" from both).
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+
+def peak_for_name(name: str) -> float | None:
+    """The dense bf16 peak in TFLOP/s for a CUDA device name, or None when the name is not known."""
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+
+
+@functools.cache
+def _note_unknown_device(name: str) -> None:
+    warnings.warn(f"no bf16 peak known for '{name}' (launch/metrics.py BF16_PEAK_TFLOPS): logging TFLOP/s "
+                  f"without MFU", RuntimeWarning, stacklevel=3)
 
 
 def device_peak_tflops(device: str) -> float | None:
     if device != "cuda":
         return None
     name = torch.cuda.get_device_name()
-    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+    peak = peak_for_name(name)
+    if peak is None:
+        _note_unknown_device(name)
+    return peak
 
 
 def peak_memory_gib(device: str) -> float:

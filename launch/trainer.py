@@ -28,12 +28,9 @@ from dimsum.registry import build_model, count_parameters
 from dimsum.transport import Transport
 from launch import resume
 from launch.checkpoint import MARKER, Checkpoint, CheckpointManager
+from launch.collectives import Collectives, engine_device
 from launch.config import ExperimentConfig, dump_config, load_config
 from launch.distributed import (
-    all_reduce_max,
-    all_reduce_mean,
-    all_true,
-    barrier,
     init_distributed,
     resolve_env,
 )
@@ -93,12 +90,13 @@ class Trainer:
         self.micro, self.accum = batch_layout(t, world)  # a bad batch layout fails before any work
         self.env = init_distributed(self.device)
         self.rank, self.world = self.env.rank, self.env.world_size
+        self.collectives = Collectives(engine_device(self.device, self.env.local_rank))  # before any vote
         self.log = say if self.rank == 0 else (lambda *_: None)
         self.faults = Faults.from_env(self.rank)
         self.run_dir = cfg.run_dir
-        self.ckpt = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.world, barrier=barrier,
-                                      all_true=all_true, keep_last=t.keep_last,
-                                      milestone_every=t.milestone_every,
+        self.ckpt = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.world,
+                                      barrier=self.collectives.barrier, all_true=self.collectives.all_true,
+                                      keep_last=t.keep_last, milestone_every=t.milestone_every,
                                       log=lambda m: print(f"[checkpoint] {m}", file=sys.stderr, flush=True))
         start = self.resume_point() if t.resume else None
 
@@ -135,7 +133,7 @@ class Trainer:
     def resume_point(self) -> Checkpoint | None:
         """Rank 0's newest complete checkpoint, agreed by all ranks (file systems may lag per node)."""
         latest = self.ckpt.latest() if self.rank == 0 else None
-        (step,) = all_reduce_max([latest.step if latest else -1.0])
+        (step,) = self.collectives.max([latest.step if latest else -1.0])
         if step < 0:
             return None
         start = Checkpoint(int(step), self.ckpt.step_dir(int(step)))
@@ -201,7 +199,8 @@ class Trainer:
                 loss = self.transport.loss(self.engine, x, {"y": y}).mean()
             if self.faults.fires("nan", state.step + 1):
                 loss = loss * math.nan
-            bad, stop_flag = all_reduce_max([float(not torch.isfinite(loss)), float(self.preempt.requested)])
+            votes = [float(not torch.isfinite(loss)), float(self.preempt.requested)]
+            bad, stop_flag = self.collectives.max(votes)
             stop = stop or bool(stop_flag)
             if bad:
                 self.nonfinite_in_a_row += 1
@@ -227,7 +226,7 @@ class Trainer:
     def log_progress(self) -> None:
         """Averages over ranks and over the steps since the last line (a collective)."""
         t, step = self.cfg.train, self.state.step
-        (loss,) = all_reduce_mean([self.loss_sum / max(self.meter.steps, 1)])
+        (loss,) = self.collectives.mean([self.loss_sum / max(self.meter.steps, 1)])
         self.loss_sum = 0.0
         rates = self.meter.summary()
         norm = self.engine.get_global_grad_norm()
@@ -271,7 +270,7 @@ class Trainer:
                     path = None
                 if path is not None:
                     self.tracker.log_artifact(path, "samples")
-        barrier()
+        self.collectives.barrier()
 
     def finish(self, preempted: bool) -> dict[str, Any]:
         # Before the summary: closing reports undelivered metrics. A preempted attempt is KILLED; the

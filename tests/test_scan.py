@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import sys
+import types
 
 import pytest
 import torch
@@ -158,6 +159,9 @@ def test_initial_state_correction_is_the_h0_part_of_the_output() -> None:
 
 # ----------------------------------------------------------------------------- backend selection
 
+CUDA_MODULES = ("mamba_ssm", "causal_conv1d", "selective_scan_cuda", "causal_conv1d_cuda")
+
+
 class _RecordImports(importlib.abc.MetaPathFinder):
     """Records (and refuses) any attempt to import the CUDA-only packages."""
 
@@ -165,7 +169,7 @@ class _RecordImports(importlib.abc.MetaPathFinder):
         self.attempts: list[str] = []
 
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("mamba_ssm", "causal_conv1d"):
+        if name.split(".")[0] in CUDA_MODULES:
             self.attempts.append(name)
             raise ImportError(f"{name} blocked by the test")
 
@@ -174,7 +178,7 @@ class _RecordImports(importlib.abc.MetaPathFinder):
 def record_imports(monkeypatch):
     finder = _RecordImports()
     monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
-    for name in [m for m in sys.modules if m.split(".")[0] in ("mamba_ssm", "causal_conv1d")]:
+    for name in [m for m in sys.modules if m.split(".")[0] in CUDA_MODULES]:
         monkeypatch.delitem(sys.modules, name)
     scan._cuda_kernels.cache_clear()
     yield finder
@@ -201,10 +205,25 @@ def test_cuda_backend_on_cpu_is_a_clear_error(record_imports) -> None:
     assert record_imports.attempts == []
 
 
-def test_missing_cuda_package_is_named(record_imports) -> None:
+def test_missing_compiled_kernel_is_named(record_imports) -> None:
     kernels = scan._cuda_kernels()
-    assert kernels.selective_scan_fn is None and "package 'mamba_ssm' failed to import" in kernels.missing
-    assert record_imports.attempts == ["mamba_ssm"]
+    assert kernels.selective_scan_fn is None
+    assert "compiled extension 'selective_scan_cuda' of package 'mamba_ssm' failed to load" in kernels.missing
+    assert record_imports.attempts == ["selective_scan_cuda"]
+
+
+def test_probe_trusts_the_kernel_not_the_package(record_imports, monkeypatch) -> None:
+    """Both Python packages import, but the scan's extension was not built: the kernels are unavailable."""
+    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface", "causal_conv1d",
+                 "causal_conv1d_cuda"):
+        module = types.ModuleType(name)
+        module.selective_scan_fn = module.causal_conv1d_fn = lambda *a, **k: None
+        monkeypatch.setitem(sys.modules, name, module)
+    kernels = scan._cuda_kernels()
+    assert kernels.selective_scan_fn is None and "'selective_scan_cuda'" in kernels.missing
+    monkeypatch.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    scan._cuda_kernels.cache_clear()
+    assert scan._cuda_kernels().missing == ""
 
 
 def test_unknown_backend_and_activation_are_rejected() -> None:
@@ -246,3 +265,90 @@ def test_causal_conv_is_causal() -> None:
     assert torch.equal(a[..., :7], b[..., :7])
     assert not torch.equal(a[..., 7], b[..., 7])
     assert a.shape == x.shape
+
+
+# ----------------------------------------------------------------------------- the h0 term's cost
+
+def einsum_initial_state_correction(delta, A, C, h0):
+    """The closed form written as one einsum over the full (B, D, L, N) decay: the oracle."""
+    decay = torch.exp(delta.cumsum(-1).unsqueeze(-1) * A.unsqueeze(1))
+    return torch.einsum("bdln,bdn,bnl->bdl", decay, h0, C)
+
+
+def gated_h0_term(delta, A, C, h0, z, delta_bias, delta_softplus):  # noqa: PLR0917
+    return scan._InitialStateTerm.apply(delta, delta_bias, delta_softplus, A, C, h0, z)
+
+
+def gated_einsum_h0_term(delta, A, C, h0, z, delta_bias, delta_softplus):  # noqa: PLR0917
+    delta = scan._prepare_delta(delta, delta_bias, delta_softplus, torch.float64)
+    return einsum_initial_state_correction(delta, A, C, h0) * torch.nn.functional.silu(z)
+
+
+@pytest.mark.parametrize("block_elements", [1 << 19, 2 * 11 * 4 * 3])  # one block; 3 + 3 + 1 channels
+def test_blocked_h0_term_equals_the_einsum_in_values_and_every_gradient(monkeypatch, block_elements) -> None:
+    """Values and the gradients of delta (through cumsum and softplus), delta_bias, A, C, h0 and z."""
+    monkeypatch.setattr(scan, "CPU_BLOCK_ELEMENTS", block_elements)
+    inputs = {k: v for k, v in make_inputs(dim=7, length=11).items() if k not in ("u", "B", "D")}
+    inputs["delta"][0, 0, :3] = 30.0  # above softplus's linear threshold
+    assert_same(run(gated_h0_term, inputs), run(gated_einsum_h0_term, inputs), atol=1e-14, rtol=1e-13)
+    plain = {k: inputs[k] for k in ("delta", "A", "C", "h0")}
+    assert_same(run(lambda delta_softplus, **kw: initial_state_correction(**kw), plain),
+                run(lambda delta_softplus, **kw: einsum_initial_state_correction(**kw), plain),
+                atol=1e-14, rtol=1e-13)
+
+
+def test_blocked_h0_term_gradcheck() -> None:
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(batch=2, dim=3, length=5, state=4).items()
+              if k not in ("u", "B", "D")}
+    names = list(inputs)
+
+    def fn(*tensors):
+        return gated_h0_term(**dict(zip(names, tensors, strict=True)), delta_softplus=True)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
+
+
+def saved_bytes(fn) -> tuple[int, int]:
+    """(total bytes, largest tensor's elements) of what autograd saves while ``fn()`` runs, by storage."""
+    storages: dict[int, int] = {}
+    largest = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal largest
+        if not isinstance(tensor, torch.nn.Parameter):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            largest = max(largest, tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()), largest
+
+
+def test_one_mamba_call_saves_o_of_b_d_plus_n_l_on_the_cuda_path() -> None:
+    """The cuda path (zero-state kernel + h0 term), with the torch kernels standing in, keeps no
+    (B, D, L, N) tensor for backward and no more than the torch backend does."""
+    from dimsum.mamba import Mamba
+
+    batch, d_model, length, state = 2, 32, 64, 16
+    torch.manual_seed(0)
+    mixer = Mamba(d_model, 8, d_state=state)
+    x, c = torch.randn(batch, length, d_model), torch.randn(batch, 8)
+    d_inner = mixer.d_inner
+    torch_path = saved_bytes(lambda: Mamba.forward(mixer, x, c))
+    with scan.emulated_kernels():
+        cuda_path = saved_bytes(lambda: Mamba.forward(mixer, x, c))
+    activations = batch * (d_inner + state) * length * 4  # one fp32 tensor of size B (D + N) L
+    assert cuda_path[1] < batch * d_inner * length * state // 4, "a (B, D, L, N) tensor was saved"
+    assert cuda_path[0] <= 16 * activations
+    assert cuda_path[0] <= 1.1 * torch_path[0], (cuda_path, torch_path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_on_cuda_without_kernels_warns_once_and_uses_torch(record_imports) -> None:
+    inputs = {k: v.float().cuda() for k, v in make_inputs().items()}
+    with pytest.warns(RuntimeWarning, match="'selective_scan_cuda'.*launch-bound") as caught:
+        for _ in range(3):
+            selective_scan(**inputs, delta_softplus=True)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1

@@ -93,3 +93,17 @@ def test_bad_inputs_fail_clearly() -> None:
         HaarPacketTokens("channels")
     with pytest.raises(ValueError, match="36 tokens do not form a square grid"):
         HaarPacketTokens()(torch.randn(1, 36, 4))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inverse_is_exact_to_fp32_on_gpu_with_tf32_allowed_around_it() -> None:
+    """cuDNN may use TF32 for fp32 convolutions (PyTorch's default); the transform must not."""
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    x = torch.randn(4, 32 * 32, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    packet = HaarPacketTokens("subband")
+    coeffs = packet(x)
+    torch.testing.assert_close(packet.inverse(coeffs), x, rtol=0, atol=2e-6)
+    reference = HaarPacketTokens("subband")(x.double().cpu())
+    torch.testing.assert_close(coeffs.double().cpu(), reference, rtol=0, atol=1e-6)
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # restored after the transform

@@ -8,9 +8,10 @@ torch's AdamW (``torch_adam``), so nothing is JIT-compiled on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +123,24 @@ def parameter_shapes(engine: Any) -> dict[str, list[int]]:
     return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in engine.module.named_parameters()}
 
 
+@contextlib.contextmanager
+def write_errors_as_oserror(path: str | Path) -> Iterator[None]:
+    """``torch.save`` reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos`` (or "file write failed") from its zip writer, not as ``OSError``; turn those into the
+    ``OSError`` that the checkpoint manager treats as a failed write."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "inline_container" not in str(err) and "file write failed" not in str(err):
+            raise
+        raise OSError(errno.EIO, f"write failed, the disk may be full ({str(err).splitlines()[0]})",
+                      str(path)) from err
+
+
 def save_checkpoint(engine: Any, path: Path, client_state: dict[str, Any],
-                    before_write: Callable[[str], None] = lambda _: None) -> None:
+                    before_write: Callable[[str], None] = lambda _: None) -> list[Path]:
     """``engine.save_checkpoint`` into ``path``, raising the first ``OSError`` only AFTER DeepSpeed's own
-    collectives have run on this rank.
+    collectives have run on this rank; returns the files this rank wrote.
 
     DeepSpeed's save has barriers between file writes. A rank whose write failed (disk full) and that
     raised at once would leave the other ranks waiting there forever; instead its failed writes are
@@ -133,6 +148,7 @@ def save_checkpoint(engine: Any, path: Path, client_state: dict[str, Any],
     checkpoint cleanly. ``before_write(file)`` is the fault-injection hook used by the tests.
     """
     errors: list[OSError] = []
+    written: list[Path] = []
     write = engine.checkpoint_engine.save
 
     def guarded(state_dict: dict, path: str) -> None:
@@ -140,7 +156,9 @@ def save_checkpoint(engine: Any, path: Path, client_state: dict[str, Any],
             return
         try:
             before_write(path)
-            write(state_dict, path)
+            with write_errors_as_oserror(path):
+                write(state_dict, path)
+            written.append(Path(path))
         except OSError as err:
             errors.append(err)
 
@@ -151,6 +169,7 @@ def save_checkpoint(engine: Any, path: Path, client_state: dict[str, Any],
         del engine.checkpoint_engine.save  # back to the class method
     if errors:
         raise errors[0]
+    return written
 
 
 def disk_full(path: str) -> OSError:

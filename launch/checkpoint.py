@@ -180,7 +180,8 @@ def seal(step_dir: Path) -> None:
     """Trust a checkpoint written before checksums existed: record its files as they are now (the
     ranks' files are all listed under rank 0) and mark the directories as dimsum's."""
     info = json.loads((step_dir / MARKER).read_text())
-    files = [p for p in step_dir.iterdir() if p.name not in (MARKER, OURS) and p.is_file()]
+    files = [p for p in step_dir.iterdir()
+             if p.name not in (MARKER, OURS) and not p.match(FILE_LISTS) and p.is_file()]
     write_file_list(step_dir, 0, files)
     for rank in range(1, int(info["world_size"])):
         atomic_write_text(step_dir / file_list_name(rank), json.dumps({"rank": rank, "files": {}}) + "\n")
@@ -273,7 +274,10 @@ class CheckpointManager:
         """
         path = self.step_dir(step)
         if self.all_true((path / MARKER).is_file()):
-            return True  # e.g. a preemption right after resuming: this exact state is already saved
+            # e.g. a preemption right after resuming: this exact state is already saved
+            if self.rank == 0:
+                self.log(f"{path} is already complete; nothing written")
+            return True
         in_the_way = False
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -302,15 +302,15 @@ class Trainer:
     def save(self) -> bool:
         state = self.state
         state.mlflow_run_id = self.tracker.run_id if self.rank == 0 else None
-        began = time.perf_counter()
+        began, written = time.perf_counter(), not (self.ckpt.step_dir(state.step) / MARKER).is_file()
         ok = self.ckpt.save(state.step, lambda path: resume.save(
             self.engine, path, state=state, config=self.cfg.to_dict(), ema=self.ema,
             offsets={n: off for n, (off, _) in self.fragments.items()}, rank=self.rank, world_size=self.world,
             before_write=self.faults.save_hook(state.step)))
-        if ok:
+        if ok and written:
             self.log(f"saved {self.ckpt.step_dir(state.step)} in {time.perf_counter() - began:.1f} s")
-            if self.cfg.train.sample_every and state.step % self.cfg.train.sample_every == 0:
-                self.sample_grid()
+        if ok and self.cfg.train.sample_every and state.step % self.cfg.train.sample_every == 0:
+            self.sample_grid()
         return ok
 
     def sample_grid(self) -> None:

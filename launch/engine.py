@@ -143,13 +143,14 @@ def save_checkpoint(engine: Any, path: Path, client_state: dict[str, Any],
     collectives have run on this rank; returns the files this rank wrote.
 
     DeepSpeed's save has barriers between file writes. A rank whose write failed (disk full) and that
-    raised at once would leave the other ranks waiting there forever; instead its failed writes are
-    recorded and skipped, the collective sequence completes, and the caller's all-ranks vote fails the
-    checkpoint cleanly. ``before_write(file)`` is the fault-injection hook used by the tests.
+    raised at once would leave the other ranks waiting there forever; instead its failed writes (and
+    rank 0's copy of the recovery scripts into the run directory) are recorded and skipped, the
+    collective sequence completes, and the caller's all-ranks vote fails the checkpoint cleanly.
+    ``before_write(file)`` is the fault-injection hook used by the tests.
     """
     errors: list[OSError] = []
     written: list[Path] = []
-    write = engine.checkpoint_engine.save
+    write, copy_scripts = engine.checkpoint_engine.save, engine._copy_recovery_script
 
     def guarded(state_dict: dict, path: str) -> None:
         if errors:
@@ -162,11 +163,18 @@ def save_checkpoint(engine: Any, path: Path, client_state: dict[str, Any],
         except OSError as err:
             errors.append(err)
 
-    engine.checkpoint_engine.save = guarded
+    def guarded_copy(run_dir: str) -> None:  # rank 0 copies zero_to_fp32.py into the run directory
+        if not errors:
+            try:
+                copy_scripts(run_dir)
+            except OSError as err:
+                errors.append(err)
+
+    engine.checkpoint_engine.save, engine._copy_recovery_script = guarded, guarded_copy
     try:
         engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
     finally:
-        del engine.checkpoint_engine.save  # back to the class method
+        del engine.checkpoint_engine.save, engine._copy_recovery_script  # back to the class methods
     if errors:
         raise errors[0]
     return written

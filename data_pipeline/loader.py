@@ -337,3 +337,7 @@ class LatentLoader:
             # Stop the workers now. After an error the traceback keeps the iterator alive in a reference
             # cycle, and torch's shutdown from the garbage collector then waits 5 s per worker.
             getattr(iterator, "_shutdown_workers", lambda: None)()
+            for worker in getattr(iterator, "_workers", []):  # still reading: SIGTERM is ignored (above),
+                if worker.is_alive():  # and multiprocessing's exit hook would wait for it forever
+                    worker.kill()
+                    worker.join()

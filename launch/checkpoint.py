@@ -11,6 +11,17 @@ it (a crash, a kill -9 or a full disk during a save leaves such a directory; it 
 skipped). Pruning removes a checkpoint's marker before its files, so an interrupted deletion can never
 leave a "complete" directory with missing shards, and it runs only after a newer save completed.
 
+Integrity and trust. Before the marker, every rank writes ``sha256-rank-NNNNN.json``: the name, size and
+sha256 of each file it wrote. :func:`damage` checks a checkpoint against those lists (every rank's list
+present, every listed file intact, nothing unlisted in the directory) before anything unpickles a byte of
+it: DeepSpeed's loader and ``zero_to_fp32`` use ``torch.load(weights_only=False)``, so a planted or
+flipped file must be refused here. Resume falls back to the newest intact checkpoint and moves damaged
+newer ones aside (``step-NNNNNNN.damaged``), deleting nothing.
+
+Ownership. Directories we create carry an ``.dimsum`` file (the run directory and every step
+directory); every deletion here is limited to directories that carry it, so a clumsy ``name`` or a
+foreign folder in the run directory is never removed.
+
 The manager is independent of DeepSpeed: rank, world size and the two collectives are injected, so it
 is unit-tested with simulated ranks (torchtitan style) and driven by ``torch.distributed`` in training.
 """
@@ -18,17 +29,63 @@ is unit-tested with simulated ranks (torchtitan style) and driven by ``torch.dis
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from dimsum.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 MARKER = "COMPLETE"
 POINTER = "latest"
+OURS = ".dimsum"  # "created by dimsum": the only directories dimsum ever deletes
+FILE_LISTS = "sha256-rank-*.json"
+LEGACY_HINT = "python -m launch.checkpoint seal"
+
+
+class CheckpointError(UserError):
+    """No checkpoint can be used; the message names the file and what is wrong with it."""
+
+
+class RunDirError(UserError):
+    """A run directory cannot be used as asked (not dimsum's, or holds a run that would be mixed in)."""
+
+
+def file_list_name(rank: int) -> str:
+    return f"sha256-rank-{rank:05d}.json"
+
+
+def fully_written(step_dir: Path, world_size: int) -> bool:
+    """Every rank finished its part (its file list is there), whether or not the marker followed."""
+    return len([*step_dir.glob(FILE_LISTS)]) >= world_size
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def is_ours(path: Path) -> bool:
+    return (path / OURS).is_file()
+
+
+def mark_ours(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / OURS).touch()
+
+
+def remove_ours(path: Path, log: Callable[[str], None]) -> bool:
+    """``rmtree(path)`` only when dimsum created it; otherwise leave it and say so."""
+    if not is_ours(path):
+        log(f"leaving {path} alone: it has no {OURS} marker, so dimsum did not create it")
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def step_name(step: int) -> str:
@@ -57,11 +114,79 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` (cheap for files that are already clean)."""
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+def write_file_list(step_dir: Path, rank: int, files: Iterable[Path]) -> None:
+    """Flush this rank's ``files`` and record their sizes and sha256 (read back from the page cache)."""
+    entries = {}
+    for file in sorted(set(files)):
+        if file.parent != step_dir:
+            raise OSError(f"checkpoint file {file} is outside its directory {step_dir}")
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
+        entries[file.name] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+    atomic_write_text(step_dir / file_list_name(rank), json.dumps({"rank": rank, "files": entries}) + "\n")
+
+
+class _DamageError(Exception):
+    """Why a checkpoint must not be loaded (internal to :func:`damage`)."""
+
+
+def damage(step_dir: Path) -> str | None:
+    """Why the checkpoint in ``step_dir`` must not be loaded, or None when it is intact: the marker
+    parses, every rank's file list is there, every listed file has its size and sha256, and nothing else
+    (no planted file) is in the directory."""
+    try:
+        expected, listed = _file_lists(step_dir)
+        for name in sorted({p.name for p in step_dir.iterdir()} - expected - listed.keys()):
+            raise _DamageError(f"{name} is not one of the files the ranks wrote")
+        for name, entry in sorted(listed.items()):
+            path = step_dir / name
+            if "/" in name or name in expected or not path.is_file():
+                raise _DamageError(f"{name} is missing")
+            if path.stat().st_size != entry["bytes"]:
+                raise _DamageError(f"{name} has {path.stat().st_size} bytes, {entry['bytes']} were written")
+            if sha256_file(path) != entry["sha256"]:
+                raise _DamageError(f"{name} does not match its sha256 (changed after it was written)")
+    except _DamageError as why:
+        return str(why)
+    return None
+
+
+def _file_lists(step_dir: Path) -> tuple[set[str], dict[str, dict]]:
+    """(our bookkeeping file names, {file: {bytes, sha256}} over every rank's list)."""
+    try:
+        info = json.loads((step_dir / MARKER).read_text())
+        world, step = int(info["world_size"]), info["step"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _DamageError(f"{MARKER} marker is unreadable ({type(err).__name__}: {err})") from None
+    if step != int(STEP_DIR.match(step_dir.name).group(1)):
+        raise _DamageError(f"{MARKER} says step {step}")
+    expected, listed = {MARKER, OURS}, {}
+    for rank in range(world):
+        name = file_list_name(rank)
+        expected.add(name)
+        try:
+            listed.update(json.loads((step_dir / name).read_text())["files"])
+        except FileNotFoundError:
+            if not any(step_dir.glob(FILE_LISTS)):
+                raise _DamageError(f"written without checksums (before dimsum verified checkpoints); if you "
+                               f"trust this directory, run '{LEGACY_HINT} {step_dir}'") from None
+            raise _DamageError(f"{name} (the file list of rank {rank}/{world}) is missing") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise _DamageError(f"{name} is unreadable ({type(err).__name__}: {err})") from None
+    return expected, listed
+
+
+def seal(step_dir: Path) -> None:
+    """Trust a checkpoint written before checksums existed: record its files as they are now (the
+    ranks' files are all listed under rank 0) and mark the directories as dimsum's."""
+    info = json.loads((step_dir / MARKER).read_text())
+    files = [p for p in step_dir.iterdir()
+             if p.name not in (MARKER, OURS) and not p.match(FILE_LISTS) and p.is_file()]
+    write_file_list(step_dir, 0, files)
+    for rank in range(1, int(info["world_size"])):
+        atomic_write_text(step_dir / file_list_name(rank), json.dumps({"rank": rank, "files": {}}) + "\n")
+    mark_ours(step_dir)
+    mark_ours(step_dir.parent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,26 +237,63 @@ class CheckpointManager:
                     self.log(f"ignoring incomplete checkpoint {ckpt.path} (no {MARKER} marker)")
         return newest
 
-    def save(self, step: int, write: Callable[[Path], None]) -> bool:
-        """Collective save: every rank runs ``write(dir)``; rank 0 commits only if all succeeded.
+    def latest_intact(self) -> tuple[Checkpoint | None, list[str]]:
+        """(the newest complete checkpoint that passes :func:`damage`, a line per damaged newer one).
+
+        Damaged newer checkpoints are renamed ``step-NNNNNNN.damaged`` (kept for inspection, never
+        scanned again), so the run continues from the intact one and re-saves those steps. When every
+        complete checkpoint is damaged nothing is renamed and :class:`CheckpointError` says why each is.
+        """
+        complete, _ = self.scan()
+        self.latest()  # reports newer incomplete directories
+        damaged = []
+        for ckpt in reversed(complete):
+            problem = damage(ckpt.path)
+            if problem is None:
+                for line, _ in damaged:
+                    self.log(f"WARNING: {line}")
+                for _, path in damaged:
+                    quarantine = path.with_name(f"{path.name}.damaged")
+                    while quarantine.exists():
+                        quarantine = quarantine.with_name(quarantine.name + "+")
+                    path.rename(quarantine)
+                    self.log(f"moved the damaged checkpoint aside to {quarantine}")
+                return ckpt, [line for line, _ in damaged]
+            damaged.append((f"checkpoint {ckpt.path} is damaged: {problem}", ckpt.path))
+        if damaged:
+            raise CheckpointError(f"{self.root}: no intact checkpoint to resume from; "
+                                  + "; ".join(line for line, _ in damaged))
+        return None, []
+
+    def save(self, step: int, write: Callable[[Path], Iterable[Path]]) -> bool:
+        """Collective save: every rank runs ``write(dir)``, which returns the files it wrote there; each
+        rank lists them with their sha256, and rank 0 commits only if all ranks succeeded.
 
         Returns False (and removes the partial directory) when any rank's write raised ``OSError``
         (disk full, quota, I/O error). The previous complete checkpoint is untouched either way.
         """
         path = self.step_dir(step)
         if self.all_true((path / MARKER).is_file()):
-            return True  # e.g. a preemption right after resuming: this exact state is already saved
+            # e.g. a preemption right after resuming: this exact state is already saved
+            if self.rank == 0:
+                self.log(f"{path} is already complete; nothing written")
+            return True
+        in_the_way = False
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            if path.exists():
+            in_the_way = path.exists() and not is_ours(path)
+            if path.exists() and not in_the_way:
                 self.log(f"removing incomplete checkpoint {path} left by an earlier attempt")
                 shutil.rmtree(path)
-        self.barrier()
+            if not in_the_way:
+                mark_ours(path)
+        if not self.all_true(not in_the_way):
+            raise CheckpointError(f"{path} is in the way of the checkpoint of step {step} and was not "
+                                  f"created by dimsum (no {OURS} file); move it out of {self.root}")
         ok = True
         try:
             path.mkdir(parents=True, exist_ok=True)
-            write(path)
-            fsync_tree(path)
+            write_file_list(path, self.rank, write(path))
         except OSError as err:
             self.log(f"rank {self.rank}: writing checkpoint {path} failed: {err}")
             ok = False
@@ -143,7 +305,7 @@ class CheckpointManager:
                 ok = False
         if not self.all_true(ok):  # everyone learns whether rank 0's commit worked
             if self.rank == 0:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_ours(path, self.log)
                 self.log(f"checkpoint at step {step} was NOT saved; the previous complete one is kept")
             return False
         if self.rank == 0:
@@ -162,10 +324,25 @@ class CheckpointManager:
             keep |= {c.step for c in complete if c.step % self.milestone_every == 0}
         newest = complete[-1].step
         for ckpt in complete:
-            if ckpt.step not in keep:
+            if ckpt.step not in keep and is_ours(ckpt.path):
                 (ckpt.path / MARKER).unlink()
-                shutil.rmtree(ckpt.path, ignore_errors=True)
+                remove_ours(ckpt.path, self.log)
         for ckpt in incomplete:
-            if ckpt.step < newest:
-                self.log(f"removing stale incomplete checkpoint {ckpt.path}")
-                shutil.rmtree(ckpt.path, ignore_errors=True)
+            if ckpt.step < newest and remove_ours(ckpt.path, self.log):
+                self.log(f"removed stale incomplete checkpoint {ckpt.path}")
+
+
+def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Trust checkpoints written before dimsum verified them.")
+    parser.add_argument("command", choices=["seal"])
+    parser.add_argument("step_dirs", nargs="+", type=Path, help="RUN/step-NNNNNNN directories you trust")
+    for step_dir in parser.parse_args().step_dirs:
+        seal(step_dir)
+        print(f"sealed {step_dir}: {damage(step_dir) or 'intact'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

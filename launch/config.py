@@ -41,7 +41,8 @@ class TrainConfig(Config):
     ckpt_every: int = 500
     keep_last: int = 2
     milestone_every: int = 0
-    resume: bool = True  # continue from the newest complete checkpoint of the run directory
+    resume: bool = True  # continue from the newest intact checkpoint of the run directory
+    overwrite: bool = False  # with resume=false: delete the run directory's checkpoints and start over
     sample_every: int = 0  # EMA sample grid from every checkpoint whose step is a multiple (0: never)
     sample_count: int = 64
     sample_steps: int = 50  # Euler steps of the grid's ODE sampler
@@ -121,7 +122,11 @@ class ExperimentConfig(Config):
     launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
-        self.check(bool(self.name) and "/" not in self.name, "name", "expected a non-empty name without '/'")
+        # the run directory is output_root/name, and --fresh deletes it: a name must stay one level down
+        unsafe = self.name in ("", ".", "..") or bool(set(self.name) & {"/", "\\", "\0"})
+        self.check(not unsafe, "name", "expected a folder name (not '.', '..', and without '/' or '\\')")
+        self.check(bool(self.output_root) and "\0" not in self.output_root, "output_root",
+                   "expected a non-empty path")
 
     @property
     def run_dir(self) -> Path:

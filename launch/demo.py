@@ -1,12 +1,13 @@
 """``dimsum demo``: the main job on a CPU machine, end to end, in a few minutes.
 
 1. writes the digits data set as pixel-space shards (``dimsum prepare --demo digits``; skipped when present),
-2. trains a small DiMSUM with DeepSpeed ZeRO-2 on 2 CPU ranks (``torchrun``, one thread per rank) with
+2. trains a small DiMSUM with DeepSpeed ZeRO-2 on 2 CPU ranks (one process and thread per rank) with
    checkpoints, auto-resume and the embedded MLflow store, and an EMA sample grid at the end,
 3. exports the EMA weights to one safetensors file,
 4. prints where everything is, including the ``mlflow ui`` command.
 
-Rerunning continues the same run (auto-resume); ``--fresh`` deletes it first.
+Rerunning continues the same run (auto-resume); ``--fresh`` deletes it first, but only a directory that
+dimsum created (it carries the ``.dimsum`` marker).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from launch.checkpoint import OURS, RunDirError, is_ours
 from launch.config import load_config
+from launch.distributed import resolve_env
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
 
@@ -30,11 +33,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete the previous demo run first")
 
 
+def launch_ranks(nproc: int, train_args: list[str]) -> int:
+    """``nproc`` local ranks of ``dimsum train`` meeting on loopback (``torchrun --standalone`` would open
+    two more unauthenticated stores on every interface). When one fails, the others get some seconds to
+    notice their lost peer, then are killed. Returns the first non-zero exit code, else 0."""
+    meet = resolve_env({})  # 127.0.0.1 and a free port
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WORLD_SIZE": str(nproc),
+           "MASTER_ADDR": meet.master_addr, "MASTER_PORT": str(meet.master_port)}
+    cmd = [sys.executable, "-m", "launch.cli", "train", *train_args]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in range(nproc)]
+    try:
+        while None in (codes := [p.poll() for p in procs]) and not any(codes):
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return next((p.returncode for p in procs if p.returncode), 0)
+
+
 def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     cfg = load_config(CONFIG, args.overrides)  # bad overrides fail here, before anything starts
     run_dir = cfg.run_dir
     if args.fresh and run_dir.exists():
+        if not is_ours(run_dir):
+            raise RunDirError(f"--fresh: {run_dir} was not created by dimsum (no {OURS} file); not deleting "
+                              "it. Choose another name or output_root")
         shutil.rmtree(run_dir)
     shards = Path(cfg.data.shards)
     if not (shards / "manifest.json").is_file():
@@ -42,11 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
         build_digits_shards(shards)
         print(f"==> digits shards written to {shards}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           "-m", "launch.cli", "train", str(CONFIG), *args.overrides]
-    print("==> " + " ".join(["OMP_NUM_THREADS=1", "torchrun", *cmd[3:]]), flush=True)
-    code = subprocess.run(cmd, env=env, check=False).returncode
+    print(f"==> {args.nproc} ranks of: OMP_NUM_THREADS=1 dimsum train {CONFIG} {' '.join(args.overrides)}",
+          flush=True)
+    code = launch_ranks(args.nproc, [str(CONFIG), *args.overrides])
     if code:
         print(f"dimsum demo: training exited with code {code}", file=sys.stderr)
         return code

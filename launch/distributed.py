@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 import socket
 import sys
@@ -21,6 +22,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +99,33 @@ def init_distributed(device: str) -> DistEnv:
         torch.cuda.set_device(env.local_rank)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False)
+    backend = "nccl" if device == "cuda" else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # torchrun's agent hosts the store itself
+        bound = {}  # eager NCCL set-up on this rank's device, as DeepSpeed's own init would do
+        if device == "cuda" and env.world_size > 1:
+            bound["device_id"] = torch.device("cuda", env.local_rank)
+        dist.init_process_group(backend, store=rendezvous_store(env), rank=env.rank,
+                                world_size=env.world_size, **bound)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group
     return env
+
+
+def rendezvous_store(env: DistEnv) -> dist.TCPStore:
+    """The unauthenticated key-value store the ranks meet at. torch's own server listens on every
+    interface; rank 0's socket here is bound to MASTER_ADDR only (loopback for a one-machine job)."""
+    timeout = datetime.timedelta(minutes=10)
+    if env.rank:
+        return dist.TCPStore(env.master_addr, env.master_port, env.world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in env.master_addr else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((env.master_addr, env.master_port))
+        listener.listen()
+        return dist.TCPStore(env.master_addr, env.master_port, env.world_size, True, timeout,
+                             master_listen_fd=listener.detach())
+    finally:
+        listener.close()
 
 
 def prebuild_ops() -> Path:

@@ -8,9 +8,10 @@ torch's AdamW (``torch_adam``), so nothing is JIT-compiled on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,35 +123,61 @@ def parameter_shapes(engine: Any) -> dict[str, list[int]]:
     return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in engine.module.named_parameters()}
 
 
+@contextlib.contextmanager
+def write_errors_as_oserror(path: str | Path) -> Iterator[None]:
+    """``torch.save`` reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos`` (or "file write failed") from its zip writer, not as ``OSError``; turn those into the
+    ``OSError`` that the checkpoint manager treats as a failed write."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "inline_container" not in str(err) and "file write failed" not in str(err):
+            raise
+        raise OSError(errno.EIO, f"write failed, the disk may be full ({str(err).splitlines()[0]})",
+                      str(path)) from err
+
+
 def save_checkpoint(engine: Any, path: Path, client_state: dict[str, Any],
-                    before_write: Callable[[str], None] = lambda _: None) -> None:
+                    before_write: Callable[[str], None] = lambda _: None) -> list[Path]:
     """``engine.save_checkpoint`` into ``path``, raising the first ``OSError`` only AFTER DeepSpeed's own
-    collectives have run on this rank.
+    collectives have run on this rank; returns the files this rank wrote.
 
     DeepSpeed's save has barriers between file writes. A rank whose write failed (disk full) and that
-    raised at once would leave the other ranks waiting there forever; instead its failed writes are
-    recorded and skipped, the collective sequence completes, and the caller's all-ranks vote fails the
-    checkpoint cleanly. ``before_write(file)`` is the fault-injection hook used by the tests.
+    raised at once would leave the other ranks waiting there forever; instead its failed writes (and
+    rank 0's copy of the recovery scripts into the run directory) are recorded and skipped, the
+    collective sequence completes, and the caller's all-ranks vote fails the checkpoint cleanly.
+    ``before_write(file)`` is the fault-injection hook used by the tests.
     """
     errors: list[OSError] = []
-    write = engine.checkpoint_engine.save
+    written: list[Path] = []
+    write, copy_scripts = engine.checkpoint_engine.save, engine._copy_recovery_script
 
     def guarded(state_dict: dict, path: str) -> None:
         if errors:
             return
         try:
             before_write(path)
-            write(state_dict, path)
+            with write_errors_as_oserror(path):
+                write(state_dict, path)
+            written.append(Path(path))
         except OSError as err:
             errors.append(err)
 
-    engine.checkpoint_engine.save = guarded
+    def guarded_copy(run_dir: str) -> None:  # rank 0 copies zero_to_fp32.py into the run directory
+        if not errors:
+            try:
+                copy_scripts(run_dir)
+            except OSError as err:
+                errors.append(err)
+
+    engine.checkpoint_engine.save, engine._copy_recovery_script = guarded, guarded_copy
     try:
         engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
     finally:
-        del engine.checkpoint_engine.save  # back to the class method
+        del engine.checkpoint_engine.save, engine._copy_recovery_script  # back to the class methods
     if errors:
         raise errors[0]
+    return written
 
 
 def disk_full(path: str) -> OSError:

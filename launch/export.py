@@ -4,7 +4,9 @@ The file holds our state-dict keys, fp32, with ``{"dimsum_model_config": json}``
 the run's resolved config YAML is written beside it: exactly what ``dimsum sample`` reads. The EMA is the
 default (the weights to sample with); ``--raw`` exports the trained fp32 master weights instead.
 
-Only complete checkpoints are read. Raw weights are consolidated from the ZeRO shards with DeepSpeed's
+Only complete checkpoints whose checksums verify are read (see launch/checkpoint.py: DeepSpeed's files
+are unpickled, so nothing else may be); without ``--step`` a damaged newest one is skipped, with a
+warning, for the newest intact one. Raw weights are consolidated from the ZeRO shards with DeepSpeed's
 ``zero_to_fp32`` (any stage, no process group needed); the EMA from our per-rank shards, with frozen
 parameters and buffers (which the EMA does not track because they never change) taken from the raw ones.
 """
@@ -15,38 +17,48 @@ import argparse
 import contextlib
 import io
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dimsum.errors import UserError
 from dimsum.registry import ModelConfig, build_model
-from launch.checkpoint import CheckpointManager, step_name
+from launch.checkpoint import CheckpointManager, damage, step_name
 from launch.config import ExperimentConfig, dump_config
 from launch.resume import client_state, consolidate_ema
 
 CONFIG_METADATA_KEY = "dimsum_model_config"
 
 
-class ExportError(ValueError):
+class ExportError(ValueError, UserError):
     """The run directory or step cannot be exported; the message says which and why."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
-    """The complete checkpoint of ``step`` (default: the newest) in ``run_dir``."""
+    """The intact complete checkpoint of ``step`` (default: the newest intact one) in ``run_dir``."""
     run_dir = Path(run_dir)
     manager = CheckpointManager(run_dir, log=lambda _: None)
     complete, _ = manager.scan()
     if not complete:
         raise ExportError(f"{run_dir}: no complete checkpoint (step-NNNNNNN/ with a COMPLETE marker)")
-    if step is None:
-        return complete[-1].path
-    match = [c.path for c in complete if c.step == step]
-    if not match:
-        raise ExportError(f"{run_dir}: no complete checkpoint at step {step}; "
-                          f"complete steps: {', '.join(str(c.step) for c in complete)}")
-    return match[0]
+    if step is not None:
+        chosen = [c for c in complete if c.step == step]
+        if not chosen:
+            raise ExportError(f"{run_dir}: no complete checkpoint at step {step}; "
+                              f"complete steps: {', '.join(str(c.step) for c in complete)}")
+        complete = chosen
+    problems = []
+    for ckpt in reversed(complete):
+        problem = damage(ckpt.path)
+        if problem is None:
+            for line in problems:
+                print(f"WARNING: {line}; using {ckpt.path.name} instead", file=sys.stderr, flush=True)
+            return ckpt.path
+        problems.append(f"checkpoint {ckpt.path} is damaged: {problem}")
+    raise ExportError("; ".join(problems))
 
 
 def raw_weights(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -60,9 +72,13 @@ def raw_weights(step_dir: Path) -> dict[str, torch.Tensor]:
 def load_run_weights(run_dir: str | Path, step: int | None = None,
                      which: str = "ema") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(model config, full fp32 state dict) of a run's checkpoint: ``which`` is "ema" or "raw"."""
+    return step_weights(checkpoint_dir(run_dir, step), which)
+
+
+def step_weights(step_dir: Path, which: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """:func:`load_run_weights` of one verified checkpoint directory."""
     if which not in ("ema", "raw"):
         raise ExportError(f"which={which!r}: expected 'ema' or 'raw'")
-    step_dir = checkpoint_dir(run_dir, step)
     info = client_state(step_dir)
     model_cfg = ModelConfig.from_dict(info["config"]["model"], "model")
     state = raw_weights(step_dir)
@@ -81,7 +97,7 @@ def export(run_dir: str | Path, out: str | Path | None = None, step: int | None 
     from safetensors.torch import save_file
 
     step_dir = checkpoint_dir(run_dir, step)
-    model_cfg, state = load_run_weights(run_dir, int(step_dir.name.split("-")[1]), which)
+    model_cfg, state = step_weights(step_dir, which)
     out = Path(out) if out else Path(run_dir) / "export" / f"{step_dir.name}-{which}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {CONFIG_METADATA_KEY: json.dumps(model_cfg.to_dict()), "weights": which, "step": step_dir.name}

@@ -9,11 +9,16 @@
 Resuming restores all of it, which makes a killed-and-resumed run bit-identical to an uninterrupted one
 (the data stream is a pure function of seed, rank, world size and position). :func:`consolidate_ema`
 reassembles full fp32 EMA tensors from all rank files for export and sampling, on any machine.
+
+Our files hold only tensors and plain Python values (numpy's RNG state is stored as a tensor), so they
+are read with ``torch.load(weights_only=True)``: a planted pickle cannot run code through them. DeepSpeed's
+files need full unpickling; callers verify the checkpoint's checksums first (:func:`checkpoint.damage`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +29,8 @@ import torch
 from torch import Tensor
 
 from dimsum.ema import EMA
-from launch.engine import parameter_shapes, save_checkpoint
+from launch.checkpoint import CheckpointError
+from launch.engine import parameter_shapes, save_checkpoint, write_errors_as_oserror
 
 CLIENT_KEY = "dimsum"
 
@@ -53,7 +59,10 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                    has_gauss, gauss), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -61,7 +70,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -69,14 +79,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(engine: Any, path: Path, *, state: TrainState, config: dict[str, Any], ema: EMA,
          offsets: dict[str, int], rank: int, world_size: int,
-         before_write: Callable[[str], None] = lambda _: None) -> None:
-    """This rank's part of the checkpoint at ``path`` (the CheckpointManager's ``write`` callback)."""
+         before_write: Callable[[str], None] = lambda _: None) -> list[Path]:
+    """This rank's part of the checkpoint at ``path`` (the CheckpointManager's ``write`` callback);
+    returns the files written."""
     client = {CLIENT_KEY: {**dataclasses.asdict(state), "world_size": world_size, "config": config,
                            "param_shapes": parameter_shapes(engine), "ema_decay": ema.decay}}
-    save_checkpoint(engine, path, client, before_write)
+    files = save_checkpoint(engine, path, client, before_write)
     target = path / rank_file(rank)
     before_write(str(target))
-    torch.save({"ema": ema.state_dict(), "offsets": offsets, "rng": rng_state()}, target)
+    with write_errors_as_oserror(target):
+        torch.save({"ema": ema.state_dict(), "offsets": offsets, "rng": rng_state()}, target)
+    return [*files, target]
+
+
+def load_own(path: Path) -> dict[str, Any]:
+    """One of our per-rank files, without running any pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = str(err).strip().splitlines()
+        reason = next((line.strip() for line in lines if "global" in line.lower()), lines[0])
+        raise CheckpointError(f"{path}: not a dimsum rank file, refused to unpickle it ({reason})") from None
 
 
 def load(engine: Any, path: Path, rank: int) -> tuple[TrainState, dict[str, Any]]:
@@ -87,11 +110,12 @@ def load(engine: Any, path: Path, rank: int) -> tuple[TrainState, dict[str, Any]
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     info = client[CLIENT_KEY]
     state = TrainState(**{f.name: info[f.name] for f in dataclasses.fields(TrainState)})
-    return state, torch.load(path / rank_file(rank), map_location="cpu", weights_only=False)
+    return state, load_own(path / rank_file(rank))
 
 
 def client_state(step_dir: Path) -> dict[str, Any]:
-    """The ``dimsum`` client state of a checkpoint, read without DeepSpeed or a process group."""
+    """The ``dimsum`` client state of a checkpoint, read without DeepSpeed or a process group. DeepSpeed's
+    file is fully unpickled: only for a checkpoint that passed :func:`checkpoint.damage`."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):  # ZeRO-1/2, -3
         if (step_dir / name).is_file():
             return torch.load(step_dir / name, map_location="cpu", weights_only=False)[CLIENT_KEY]
@@ -108,7 +132,7 @@ def consolidate_ema(step_dir: Path) -> dict[str, Tensor]:
         path = step_dir / rank_file(rank)
         if not path.is_file():
             raise FileNotFoundError(f"{step_dir}: EMA shard {path.name} of rank {rank}/{world} is missing")
-        part = torch.load(path, map_location="cpu", weights_only=False)
+        part = load_own(path)
         for name, fragment in part["ema"]["shadow"].items():
             numel = int(np.prod(shapes[name]))
             flat.setdefault(name, torch.zeros(numel, dtype=torch.float32))

@@ -23,11 +23,24 @@ from typing import Any
 
 import torch
 
+from dimsum.config import ConfigError
 from dimsum.ema import EMA
+from dimsum.errors import UserError
 from dimsum.registry import build_model, count_parameters
 from dimsum.transport import Transport
 from launch import resume
-from launch.checkpoint import MARKER, Checkpoint, CheckpointManager
+from launch.checkpoint import (
+    MARKER,
+    OURS,
+    POINTER,
+    Checkpoint,
+    CheckpointManager,
+    RunDirError,
+    fully_written,
+    is_ours,
+    mark_ours,
+    remove_ours,
+)
 from launch.collectives import Collectives, engine_device
 from launch.config import ExperimentConfig, dump_config, load_config
 from launch.distributed import (
@@ -52,8 +65,6 @@ def say(*parts: Any) -> None:
 
 
 def check_data_matches_model(cfg: ExperimentConfig, loader: Any) -> None:
-    from dimsum.config import ConfigError
-
     channels, height, width = loader.latent_shape
     m = cfg.model
     if channels != m.in_channels:
@@ -98,7 +109,8 @@ class Trainer:
                                       barrier=self.collectives.barrier, all_true=self.collectives.all_true,
                                       keep_last=t.keep_last, milestone_every=t.milestone_every,
                                       log=lambda m: print(f"[checkpoint] {m}", file=sys.stderr, flush=True))
-        start = self.resume_point() if t.resume else None
+        self.fallback: list[str] = []  # damaged newer checkpoints skipped on resume (rank 0)
+        start = self.resume_point()
 
         self.loader = LatentLoader(cfg.data, batch_size=self.micro, seed=cfg.seed, rank=self.rank,
                                    world_size=self.world, start_step=0)
@@ -125,15 +137,24 @@ class Trainer:
         run_id = (self.state.mlflow_run_id or saved_run_id(self.run_dir)) if start is not None else None
         self.tracker = make_tracker(enabled=cfg.tracking.enabled, rank=self.rank, uri=cfg.tracking.uri,
                                     experiment=cfg.tracking.experiment, run_dir=self.run_dir, run_id=run_id,
-                                    params=flatten(cfg.to_dict()), tags=attempt_tags(self.state, self.world),
+                                    params=flatten(cfg.to_dict()), tags=self.tags(),
                                     flush_timeout=cfg.tracking.flush_timeout, log=self.log)
         self.meter = StepMeter(cfg.model, t.global_batch, self.world, self.device)
         self.banner(start)
 
     def resume_point(self) -> Checkpoint | None:
-        """Rank 0's newest complete checkpoint, agreed by all ranks (file systems may lag per node)."""
-        latest = self.ckpt.latest() if self.rank == 0 else None
-        (step,) = self.collectives.max([latest.step if latest else -1.0])
+        """Rank 0's newest intact checkpoint (None: a fresh start it allowed), agreed by all ranks."""
+        start, refusal = None, None
+        if self.rank == 0:
+            try:
+                start = self.claim_run_dir()
+            except UserError as err:
+                refusal = err
+        step, refused = self.collectives.max([start.step if start else -1.0, float(refusal is not None)])
+        if refusal is not None:
+            raise refusal
+        if refused:
+            raise RunDirError(f"rank 0 refused the run directory {self.run_dir} (see its message)")
         if step < 0:
             return None
         start = Checkpoint(int(step), self.ckpt.step_dir(int(step)))
@@ -144,10 +165,48 @@ class Trainer:
                                f"relaunch with {saved_world} ranks or start a new experiment name")
         return start
 
+    def claim_run_dir(self) -> Checkpoint | None:
+        """On rank 0: the checkpoint to resume from, or permission for a fresh start. A fresh start never
+        mixes into another run or a foreign folder, and deletes only checkpoints dimsum wrote."""
+        t, run_dir = self.cfg.train, self.run_dir
+        if t.resume:
+            start, self.fallback = self.ckpt.latest_intact()
+            if start is not None:
+                return start
+        if not run_dir.is_dir() or not any(run_dir.iterdir()):
+            return None
+        if not is_ours(run_dir):
+            raise RunDirError(f"{run_dir} is not empty and was not created by dimsum (no {OURS} file); "
+                              "choose another name or output_root")
+        complete, incomplete = self.ckpt.scan()
+        # one incomplete save may be our own first one, killed part-way; more, or a fully written one, is a
+        # run whose markers were lost: starting over would delete its checkpoints one by one
+        if t.resume and (len(incomplete) > 1 or any(fully_written(c.path, self.world) for c in incomplete)):
+            raise RunDirError(f"{run_dir} holds checkpoint directories but none is complete "
+                              f"({', '.join(c.path.name for c in incomplete)} have no {MARKER} marker); "
+                              "not starting over on top of them: restore the markers, or start over with "
+                              "train.resume=false train.overwrite=true")
+        if not t.resume:
+            if not t.overwrite:
+                raise ConfigError("train.resume", False, f"{run_dir} already holds a run; resume it "
+                                  "(train.resume=true), choose another name, or start over with "
+                                  "train.overwrite=true (deletes its checkpoints)")
+            for ckpt in [*complete, *incomplete]:
+                remove_ours(ckpt.path, self.ckpt.log)
+            (run_dir / POINTER).unlink(missing_ok=True)
+            self.log(f"==> train.overwrite: deleted the earlier checkpoints in {run_dir}")
+        return None
+
+    def tags(self) -> dict[str, str]:
+        tags = attempt_tags(self.state, self.world)
+        if self.fallback:
+            tags["checkpoint_fallback"] = f"attempt {self.state.attempt}: " + "; ".join(self.fallback)
+        return tags
+
     def banner(self, start: Checkpoint | None) -> None:
         cfg, t = self.cfg, self.cfg.train
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            mark_ours(self.run_dir)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         from dimsum.flops import forward_gmacs
 
@@ -242,15 +301,15 @@ class Trainer:
     def save(self) -> bool:
         state = self.state
         state.mlflow_run_id = self.tracker.run_id if self.rank == 0 else None
-        began = time.perf_counter()
+        began, written = time.perf_counter(), not (self.ckpt.step_dir(state.step) / MARKER).is_file()
         ok = self.ckpt.save(state.step, lambda path: resume.save(
             self.engine, path, state=state, config=self.cfg.to_dict(), ema=self.ema,
             offsets={n: off for n, (off, _) in self.fragments.items()}, rank=self.rank, world_size=self.world,
             before_write=self.faults.save_hook(state.step)))
-        if ok:
+        if ok and written:
             self.log(f"saved {self.ckpt.step_dir(state.step)} in {time.perf_counter() - began:.1f} s")
-            if self.cfg.train.sample_every and state.step % self.cfg.train.sample_every == 0:
-                self.sample_grid()
+        if ok and self.cfg.train.sample_every and state.step % self.cfg.train.sample_every == 0:
+            self.sample_grid()
         return ok
 
     def sample_grid(self) -> None:
@@ -284,6 +343,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.batches.close()  # stops the loader's workers now: at interpreter exit nothing would
         self.tracker.close()
         self.preempt.uninstall()
         import torch.distributed as dist

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launch import checkpoint
-from launch.checkpoint import MARKER, POINTER, CheckpointManager, atomic_write_text
+from launch.checkpoint import MARKER, OURS, POINTER, CheckpointManager, atomic_write_text, mark_ours
 
 
 class Group:
@@ -64,10 +64,12 @@ def run_ranks(managers: list[CheckpointManager], fn: Callable[[CheckpointManager
 def shard_writer(content: str = "x", fail_rank: int | None = None) -> Callable[[CheckpointManager], bool]:
     def save_step(step: int) -> Callable[[CheckpointManager], bool]:
         def fn(m: CheckpointManager) -> bool:
-            def write(path: Path) -> None:
+            def write(path: Path) -> list[Path]:
                 if m.rank == fail_rank:
                     raise OSError(errno.ENOSPC, "No space left on device")
-                (path / f"shard-{m.rank}.bin").write_text(f"{content}{step}")
+                shard = path / f"shard-{m.rank}.bin"
+                shard.write_text(f"{content}{step}")
+                return [shard]
             return m.save(step, write)
         return fn
     return save_step
@@ -82,7 +84,10 @@ def test_save_commits_marker_and_pointer_after_every_rank_wrote(tmp_path: Path) 
     managers = Group(3).managers(tmp_path, logs)
     assert save(managers, 10) == [True, True, True]
     step = tmp_path / "step-0000010"
-    assert sorted(p.name for p in step.iterdir()) == [MARKER, "shard-0.bin", "shard-1.bin", "shard-2.bin"]
+    lists = [f"sha256-rank-0000{r}.json" for r in range(3)]
+    shards = ["shard-0.bin", "shard-1.bin", "shard-2.bin"]
+    assert sorted(p.name for p in step.iterdir()) == [OURS, MARKER, *lists, *shards]
+    assert checkpoint.damage(step) is None
     assert (tmp_path / POINTER).read_text() == "step-0000010\n"
     assert managers[1].latest() == checkpoint.Checkpoint(10, step)
 
@@ -117,8 +122,8 @@ def test_incomplete_directory_is_reported_ignored_and_replaced(tmp_path: Path) -
     managers = Group(2).managers(tmp_path, logs)
     save(managers, 4)
     partial = tmp_path / "step-0000006"
-    partial.mkdir()
-    (partial / "shard-0.bin").write_text("half")  # a rank died before the marker was written
+    mark_ours(partial)  # rank 0 creates and marks it, then a rank died before the COMPLETE marker
+    (partial / "shard-0.bin").write_text("half")
     assert managers[0].latest().step == 4
     assert any("ignoring incomplete checkpoint" in line and "step-0000006" in line for line in logs)
     assert save(managers, 6) == [True, True]
@@ -129,7 +134,7 @@ def test_keep_last_k_plus_milestones_and_stale_partials_are_pruned(tmp_path: Pat
     managers = Group(2).managers(tmp_path, [], keep_last=2, milestone_every=4)
     for step in (1, 2, 3):
         save(managers, step)
-    (tmp_path / "step-0000004").mkdir()  # stale partial, older than the next complete save
+    mark_ours(tmp_path / "step-0000004")  # stale partial, older than the next complete save
     for step in (5, 6, 7, 8, 9):
         save(managers, step)
     complete, incomplete = managers[0].scan()
@@ -161,3 +166,40 @@ def test_atomic_write_leaves_no_temp_file(tmp_path: Path) -> None:
 def test_keep_last_below_two_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="keep_last must be >= 2"):
         CheckpointManager(tmp_path, keep_last=1)
+
+
+def test_a_foreign_folder_in_the_way_of_a_save_fails_it_on_every_rank_and_is_kept(tmp_path: Path) -> None:
+    managers = Group(2).managers(tmp_path, [])
+    foreign = tmp_path / "step-0000003"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(checkpoint.CheckpointError, match="not created by dimsum"):
+        save(managers, 3)
+    assert (foreign / "notes.txt").read_text() == "mine" and not (foreign / OURS).exists()
+
+
+def test_pruning_leaves_folders_dimsum_did_not_create(tmp_path: Path) -> None:
+    logs: list[str] = []
+    managers = Group(1).managers(tmp_path, logs, keep_last=2)
+    foreign = tmp_path / "step-0000001"
+    foreign.mkdir()
+    for step in (2, 3, 4):
+        save(managers, step)
+    assert foreign.is_dir() and any(f"leaving {foreign} alone" in line for line in logs)
+    assert [c.step for c in managers[0].scan()[0]] == [3, 4]
+
+
+def test_damage_names_the_file_and_refuses_unlisted_or_escaping_entries(tmp_path: Path) -> None:
+    managers = Group(2).managers(tmp_path, [])
+    save(managers, 1)
+    step = tmp_path / "step-0000001"
+    assert checkpoint.damage(step) is None
+    (step / "extra.pt").write_bytes(b"planted")
+    assert checkpoint.damage(step) == "extra.pt is not one of the files the ranks wrote"
+    (step / "extra.pt").unlink()
+    listing = step / "sha256-rank-00001.json"
+    forged = listing.read_text().replace('"shard-1.bin"', '"../shard-1.bin"')
+    listing.write_text(forged)
+    assert checkpoint.damage(step) == "shard-1.bin is not one of the files the ranks wrote"
+    (step / "shard-1.bin").unlink()
+    assert checkpoint.damage(step) == "../shard-1.bin is missing"  # never read outside the directory

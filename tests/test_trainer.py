@@ -7,9 +7,7 @@ killed and resumed. Failures are injected with ``DIMSUM_FAULTS`` (see launch/fau
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,45 +16,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import assert_same_weights, complete_steps, overrides
+from trainer_helpers import (
+    CONFIG,
+    REPO,
+    assert_same_weights,
+    base_env,
+    complete_steps,
+    free_port,
+    ok,
+    overrides,
+    torchrun,
+)
 
 from launch.export import load_run_weights
 from launch.resume import client_state
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "demo_cpu.yaml"
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 # every parameter partitioned (the debug model's tensors are all below the default persistence threshold)
 ZERO3 = ["deepspeed.zero_stage=3", "deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    dropped = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DIMSUM_FAULTS", "MLFLOW_TRACKING_URI")
-    env = {k: v for k, v in os.environ.items() if k not in dropped}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), **extra)
-    return env
-
-
 # the ZeRO-2 runs also make EMA sample grids mid-run, which must not disturb the training RNG
 ZERO2 = ["deepspeed.zero_stage=2", "train.sample_every=4", "train.sample_count=4", "train.sample_steps=2"]
-
-
-def torchrun(args: list[str], faults: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "launch.cli", "train", str(CONFIG), *args]
-    return subprocess.run(cmd, env=base_env(DIMSUM_FAULTS=faults), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, check=False)
-
-
-def ok(proc: subprocess.CompletedProcess, code: int = 0) -> str:
-    assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -215,10 +215,11 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
         if not _is_shape(manifest[field]):
             raise _bad(where, f"field {field!r} is {manifest[field]!r}; expected [channels, height, "
                        "width], all > 0")
-    implied = [latent[0] * (2 if manifest["store"] == "moments" else 1), *latent[1:]]
+    moments = manifest["store"] == "moments"
+    implied = [latent[0] * (2 if moments else 1), *latent[1:]]
     if stored != implied:
         raise _bad(where, f"stored_shape {stored} does not match latent_shape {latent} with store "
-                   f"{manifest['store']!r} (expected {implied}; moments hold mean and logvar)")
+                   f"{manifest['store']!r} (expected {implied}{': mean and logvar' if moments else ''})")
     if not (math.isfinite(manifest["scaling_factor"]) and manifest["scaling_factor"] > 0):
         raise _bad(where, f"scaling_factor is {manifest['scaling_factor']!r}; expected a finite "
                    "number > 0")

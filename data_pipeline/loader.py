@@ -23,6 +23,11 @@ Design (the trainer's bit-exact resume relies on it). Batch ``k`` of a rank is a
   shared-memory slots (see _Batches); the main process casts to float32. A background thread reads
   the next pass while batches are cut from the current one. Memory: two passes per stream a worker
   owns (shard size x one latent each, e.g. 2 x 10k x 8 KiB = 160 MiB).
+* Checksums. Every pass hashes its shard after reading it and compares the manifest's sha256 (one
+  sequential read from the page cache per pass), so a bit flip that still decodes cannot train silently.
+  A structural problem found while reading is reported first, being more precise. With ``"skip"`` a
+  mismatch is logged once per pass and the shard's rows that pass the per-sample checks are used: the
+  digest cannot tell which sample changed.
 * Bad data. An unreadable tar, a block with wrong members/shape/dtype, non-finite values or a label
   outside the manifest's range raise :class:`ShardError` naming shard, block key and sample
   (``on_error="raise"``); with ``"skip"`` they are dropped and counted, and the pass is topped up to the
@@ -52,7 +57,7 @@ import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.shards import ShardError, decode_block, iter_blocks, read_manifest
+from data_pipeline.shards import ShardError, decode_block, file_sha256, iter_blocks, read_manifest
 
 log = logging.getLogger(__name__)
 _SHARD, _ORDER, _EPOCH, _NOISE = range(4)  # RNG purposes, the last word of every seed
@@ -72,6 +77,7 @@ class _Plan:
         self.moments = manifest["store"] == "moments"
         self.scaling_factor = float(manifest["scaling_factor"])
         self.shards = [(e["name"], e["samples"]) for e in manifest["shards"] if e["samples"] > 0]
+        self.digests = {e["name"]: e["sha256"] for e in manifest["shards"]}
         if not self.shards:
             raise ShardError(f"{self.directory}: the manifest lists no shard with samples")
         missing = [name for name, _ in self.shards if not (self.directory / name).is_file()]
@@ -111,6 +117,15 @@ class _Plan:
             yield from iter_blocks(self.directory / name, reuse_buffers=True)  # load_pass copies rows out
         except ShardError as err:  # unreadable or truncated tar: the blocks before it were yielded
             self._problem(str(err))
+
+    def _check_digest(self, name: str) -> None:
+        try:
+            digest = file_sha256(self.directory / name)
+        except OSError as err:
+            raise ShardError(f"{name}: cannot be read ({err.strerror})") from None
+        if digest != self.digests[name]:
+            self._problem(f"{name}: sha256 {digest[:16]}... does not match the manifest's "
+                          f"{self.digests[name][:16]}...: the shard changed after it was written")
 
     def load_pass(self, stream: int, p: int, shard: int, into: _PassBuffer) -> int:
         """Fill ``into`` with pass p of ``stream`` (shard ``shard``) in stream order; return the skip count.
@@ -153,6 +168,7 @@ class _Plan:
             latents[dest], labels[dest], filled[dest] = chosen, block_labels, True
         if read < count:
             self._problem(f"{name}: only {read} of the manifest's {count} samples could be read")
+        self._check_digest(name)
         holes = np.flatnonzero(~filled)
         if len(holes) == count:
             raise ShardError(f"{name}: no usable sample, so data.on_error=skip has nothing to fill the "
@@ -252,11 +268,18 @@ class _Batches(torch.utils.data.IterableDataset):
         super().__init__()
         self.plan, self.start_step, self.slots, self.tags = plan, start_step, slots, tags
 
-    def __iter__(self) -> Iterator[tuple[Any, np.ndarray, int]]:
+    def __iter__(self) -> Iterator[tuple[Any, np.ndarray, int] | ShardError]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dimsum-pass-reader") as reader:
-            yield from self._batches(worker, workers, reader)
+            try:
+                yield from self._batches(worker, workers, reader)
+            except ShardError as err:
+                if info is None:
+                    raise
+                # Handed over as a batch: the main process raises it as it is. Raised here, DataLoader would
+                # re-raise it with the worker's traceback folded into the message.
+                yield err
 
     def _batches(self, worker: int, workers: int,
                  reader: ThreadPoolExecutor) -> Iterator[tuple[Any, np.ndarray, int]]:
@@ -325,7 +348,10 @@ class LatentLoader:
             generator=torch.Generator().manual_seed(self._seed))  # keeps the global torch RNG untouched
         iterator = iter(batches)
         try:
-            for (slot, k), labels, skipped in iterator:
+            for batch in iterator:
+                if isinstance(batch, ShardError):
+                    raise batch
+                (slot, k), labels, skipped = batch
                 latents = torch.empty(slots.shape[2:], pin_memory=torch.cuda.is_available())
                 np.copyto(latents.numpy(), slots[slot].numpy())  # fp16 -> fp32 in numpy: no thread pool
                 if tags[slot] != k:

@@ -30,9 +30,10 @@ from data_pipeline.preprocess import DecodedImages, collate, encode_with_flip
 from data_pipeline.shards import ShardWriter, new_manifest, shard_name, write_json_atomic
 from data_pipeline.sources import FolderSource, LMDBSource, SourceError, open_source
 from data_pipeline.vae import VAEError, load_vae
+from dimsum.errors import UserError
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """Bad arguments, an output folder holding another data set, or an unreadable image under --strict."""
 
 
@@ -68,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise PrepareError(f"--out: {args.out} is an existing file; expected a folder (or a new path)")
         if args.demo:
             from data_pipeline.demo import build_digits_shards
 

@@ -36,6 +36,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from webdataset import TarWriter
 
+from dimsum.errors import UserError
+
 FORMAT = "dimsum-latent-shards"
 FORMAT_VERSION = 1
 MEMBERS = ("cls.npy", "keys.json", "latent.npy", "latent_flip.npy")
@@ -50,11 +52,11 @@ LAYOUT = {
 }
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard is missing, unreadable, or holds data that disagrees with the manifest."""
 
 
-class ManifestError(RuntimeError):
+class ManifestError(UserError, RuntimeError):
     """``manifest.json`` is missing or malformed; the message names the field."""
 
 
@@ -67,6 +69,12 @@ def tool_version() -> str:
         return f"dimsum-train {metadata.version('dimsum-train')}"
     except metadata.PackageNotFoundError:
         return "dimsum-train (not installed)"
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in large chunks (hashlib releases the GIL while it hashes)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -167,10 +175,88 @@ _MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "stored_shape": list, "scaling_factor": (int, float), "num_classes": int, "num_samples": int,
     "block_size": int, "shards": list,
 }
+_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.tar")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is(value: Any, tp: type | tuple[type, ...]) -> bool:
+    """isinstance, except that a JSON ``true`` is not the integer 1 (no manifest field is a bool)."""
+    return isinstance(value, tp) and not isinstance(value, bool)
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_is(d, int) and d > 0 for d in value)
+
+
+def _bad(where: str, message: str) -> ManifestError:
+    return ManifestError(f"{where}: {message}")
+
+
+def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
+    """The one strict manifest check, shared by ``dimsum data verify`` and the training loader.
+
+    Everything a reader sizes or opens is bounded here: shapes are three positive ints, ``stored_shape``
+    is what ``store`` implies, every shard name is a plain file name inside the folder, and a shard's
+    declared sample count cannot need more bytes than the shard's declared size (the reader then bounds
+    every tar member by the real file size), so no declared number can make a reader allocate terabytes.
+    """
+    if not isinstance(manifest, dict):
+        raise _bad(where, f"expected a JSON object at the top level, got a {type(manifest).__name__}")
+    for field, tp in _MANIFEST_FIELDS.items():
+        if not _is(manifest.get(field), tp):
+            raise _bad(where, f"field {field!r} is {manifest.get(field)!r}; expected a {tp}")
+    if manifest["format"] != FORMAT or manifest["version"] != FORMAT_VERSION:
+        raise _bad(where, f"format {manifest['format']!r} v{manifest['version']}; "
+                   f"this reader understands {FORMAT!r} v{FORMAT_VERSION}")
+    if manifest["dtype"] != "float16" or manifest["store"] not in ("sample", "moments"):
+        raise _bad(where, f"unsupported dtype/store {manifest['dtype']!r}/{manifest['store']!r}")
+    latent, stored = manifest["latent_shape"], manifest["stored_shape"]
+    for field in ("latent_shape", "stored_shape"):
+        if not _is_shape(manifest[field]):
+            raise _bad(where, f"field {field!r} is {manifest[field]!r}; expected [channels, height, "
+                       "width], all > 0")
+    moments = manifest["store"] == "moments"
+    implied = [latent[0] * (2 if moments else 1), *latent[1:]]
+    if stored != implied:
+        raise _bad(where, f"stored_shape {stored} does not match latent_shape {latent} with store "
+                   f"{manifest['store']!r} (expected {implied}{': mean and logvar' if moments else ''})")
+    if not (math.isfinite(manifest["scaling_factor"]) and manifest["scaling_factor"] > 0):
+        raise _bad(where, f"scaling_factor is {manifest['scaling_factor']!r}; expected a finite "
+                   "number > 0")
+    for field in ("num_classes", "block_size", "num_samples"):
+        if manifest[field] < 1:
+            raise _bad(where, f"field {field!r} is {manifest[field]}; expected >= 1")
+    _check_shard_entries(manifest["shards"], 2 * 2 * math.prod(stored), where)  # latent + flip, float16
+    total = sum(e["samples"] for e in manifest["shards"])
+    if total != manifest["num_samples"]:
+        raise _bad(where, f"num_samples is {manifest['num_samples']}, shards sum to {total}")
+    return manifest
+
+
+def _check_shard_entries(entries: list[Any], row_bytes: int, where: str) -> None:
+    names: set[str] = set()
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("sha256"), str)
+                and all(_is(entry.get(k), int) and entry[k] >= 0 for k in ("samples", "bytes"))):
+            raise _bad(where, f"shards[{i}] = {entry!r}; expected {{name, samples >= 0, bytes >= 0, "
+                              "sha256, ...}")
+        name = entry["name"]
+        if not _SHARD_NAME.fullmatch(name):
+            raise _bad(where, f"shards[{i}].name {name!r} is not a plain shard file name "
+                       "(NAME.tar, inside the folder)")
+        if name in names:
+            raise _bad(where, f"shards[{i}].name {name!r} is listed twice")
+        names.add(name)
+        if not _SHA256.fullmatch(entry["sha256"]):
+            raise _bad(where, f"shards[{i}].sha256 {entry['sha256']!r} is not 64 lowercase hex digits")
+        if entry["samples"] * row_bytes > entry["bytes"]:
+            raise _bad(where, f"shards[{i}] ({name}) declares {entry['samples']} samples, more than "
+                       f"its {entry['bytes']} bytes can hold at {row_bytes} bytes per sample")
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """Load and sanity-check ``directory/manifest.json``; errors name the file and the field."""
+    """Load and strictly check ``directory/manifest.json``; errors name the file and the field."""
     path = Path(directory) / "manifest.json"
     if not path.is_file():
         raise ManifestError(f"{path}: not found. Create shards with 'dimsum prepare SOURCE --out {directory} "
@@ -179,19 +265,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: not valid JSON ({err})") from None
-    for field, tp in _MANIFEST_FIELDS.items():
-        if not isinstance(manifest.get(field), tp):
-            raise ManifestError(f"{path}: field {field!r} is {manifest.get(field)!r}; expected a {tp}")
-    if manifest["format"] != FORMAT or manifest["version"] != FORMAT_VERSION:
-        raise ManifestError(f"{path}: format {manifest['format']!r} v{manifest['version']}; "
-                            f"this reader understands {FORMAT!r} v{FORMAT_VERSION}")
-    if manifest["dtype"] != "float16" or manifest["store"] not in ("sample", "moments"):
-        raise ManifestError(f"{path}: unsupported dtype/store {manifest['dtype']!r}/{manifest['store']!r}")
-    for i, entry in enumerate(manifest["shards"]):
-        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                and isinstance(entry.get("samples"), int) and isinstance(entry.get("sha256"), str)):
-            raise ManifestError(f"{path}: shards[{i}] = {entry!r}; expected {{name, samples, sha256, ...}}")
-    return manifest
+    except OSError as err:
+        raise ManifestError(f"{path}: cannot be read ({err.strerror})") from None
+    return check_manifest(manifest, str(path))
 
 
 def _read(tar: tarfile.TarFile, info: tarfile.TarInfo, buffer: list[bytearray]) -> memoryview:
@@ -218,12 +294,16 @@ def iter_blocks(path: Path, *, reuse_buffers: bool = False) -> Iterator[tuple[st
     buffers: dict[str, list[bytearray]] = {}
     try:
         tar = tarfile.open(path, mode="r:")  # noqa: SIM115 -- closed in finally (a generator yields inside)
+        file_size = os.fstat(tar.fileobj.fileno()).st_size
     except (tarfile.TarError, OSError) as err:
         raise ShardError(f"{path.name}: cannot open as a tar file ({err})") from err
     try:
         for info in tar:
             if not info.isreg():
                 continue
+            if info.offset_data + info.size > file_size:  # checked before a buffer of that size exists
+                raise tarfile.ReadError(f"member {info.name!r} declares {info.size} bytes; the file ends "
+                                        f"{file_size - info.offset_data} bytes after its header")
             block, _, member = info.name.partition(".")
             if block != key:
                 if key:
@@ -317,6 +397,9 @@ def _npy(where: str, member: str, data: bytes) -> np.ndarray:
         dtype, shape, offset = _npy_header(data)
         if dtype.hasobject:
             raise ValueError("object dtype (pickle) is not allowed")
+        if math.prod(shape) * dtype.itemsize != len(data) - offset:
+            raise ValueError(f"the header declares shape {shape} of {dtype}, but {len(data) - offset} bytes "
+                             "follow it")
         return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
     except (ValueError, TypeError, OSError, EOFError) as err:
         raise ShardError(f"{where}: {member} is not a readable .npy array without pickle ({err})") from None

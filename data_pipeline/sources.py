@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from dimsum.errors import UserError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 Layout = Literal["auto", "imagenet", "flat", "lmdb"]
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     """The source itself is unusable (not one bad image); the message names the path."""
 
 
@@ -31,9 +33,16 @@ def _is_image(path: Path) -> bool:
 
 
 def _images_under(root: Path) -> list[str]:
-    found = []
+    """Image paths under ``root``, following symlinks; a folder reached again (a symlink loop, or two links
+    to one folder) is read once, at its first path in sorted order, so no image is encoded twice."""
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        folder = os.stat(dirpath)
+        if (folder.st_dev, folder.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((folder.st_dev, folder.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [os.path.join(dirpath, f) for f in filenames if _is_image(Path(f))]
     return found
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from dimsum.errors import UserError
 
-class VAEError(RuntimeError):
+
+class VAEError(UserError, RuntimeError):
     """The VAE could not be loaded; the message says what was tried and what to do."""
 
 

@@ -3,16 +3,26 @@
 Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
 only when their command runs, so ``dimsum --help`` starts instantly and a broken optional dependency
 only affects the command that needs it.
+
+The error funnel: a user mistake (:class:`~dimsum.errors.UserError`: config, data, paths, weights) or an
+OS error naming a file (permission denied, no space, not a directory) prints ONE line,
+``dimsum <command>: <what is wrong, and where>``, and exits with :data:`USER_ERROR_EXIT` (2). Under a
+multi-process launcher a config error is printed by rank 0 only (every rank reads the same config) and
+other errors carry their rank. Anything else is our bug and keeps its traceback. (``data verify``,
+``sample`` and ``eval`` report their own input problems in one line with exit code 1.)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dimsum.config import ConfigError
 from dimsum.errors import UserError
+
+USER_ERROR_EXIT = 2
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("launch.commands.models", "list the model registry with parameter counts and GFLOPs"),
@@ -44,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"dimsum: unknown command {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank; imported only then: it loads torch
+        from launch.distributed import die_with_launcher
+
+        die_with_launcher()
     module_path, text = COMMANDS[name]
     module = importlib.import_module(module_path)
     parser = argparse.ArgumentParser(prog=f"dimsum {name}", description=text)
@@ -52,11 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except ConfigError as err:
-        print(f"dimsum {name}: config error: {err}", file=sys.stderr)
-        return 2
+        if os.environ.get("RANK", "0") == "0":
+            _one_line(name, f"config error: {err}", name_rank=False)
+        return USER_ERROR_EXIT
     except UserError as err:
-        print(f"dimsum {name}: {err}", file=sys.stderr)
-        return 2
+        _one_line(name, str(err))
+        return USER_ERROR_EXIT
+    except OSError as err:
+        if err.filename is None:
+            raise
+        _one_line(name, f"{err.strerror or err}: {err.filename}")
+        return USER_ERROR_EXIT
+
+
+def _one_line(command: str, message: str, *, name_rank: bool = True) -> None:
+    multi = name_rank and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = f"rank {os.environ.get('RANK', '?')}: " if multi else ""
+    print(f"dimsum {command}: {rank}{' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ A YAML file may start with ``defaults:``, a list of other files merged first, in
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +57,8 @@ class TrainConfig(Config):
             self.check(getattr(self, field) > 0, field, "expected a positive integer")
         for field in ("micro_batch", "warmup_steps", "milestone_every", "sample_every"):
             self.check(getattr(self, field) >= 0, field, "expected >= 0")
+        for field in ("lr", "weight_decay", "grad_clip", "ema_decay", "sample_cfg_scale"):
+            self.check(math.isfinite(getattr(self, field)), field, "expected a finite number")
         self.check(self.lr > 0, "lr", "expected > 0")
         self.check(self.weight_decay >= 0, "weight_decay", "expected >= 0")
         self.check(self.grad_clip >= 0, "grad_clip", "expected >= 0 (0 disables clipping)")
@@ -71,6 +75,29 @@ class DeepSpeedConfig(Config):
 
     zero_stage: Literal[1, 2, 3] = 2
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        """DeepSpeed ignores top-level keys it does not know, so a typo there would go unnoticed."""
+        unknown = sorted(str(k) for k in self.extra if k not in DEEPSPEED_TOP_LEVEL_KEYS)
+        if unknown:
+            warnings.warn(f"deepspeed.extra: DeepSpeed does not know the key(s) {', '.join(unknown)}; "
+                          "they will be ignored", stacklevel=2)
+
+
+# The ds_config top level documented by DeepSpeed 0.19 (deepspeed.ai/docs/config-json).
+DEEPSPEED_TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "fp16", "bf16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients",
+    "gradient_predivide_factor", "gradient_allreduce_op", "sparse_gradients", "zero_optimization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown",
+    "dump_state", "memory_breakdown", "flops_profiler", "activation_checkpointing", "aio", "tensorboard",
+    "wandb", "csv_monitor", "comet", "comms_logger", "autotuning", "elasticity", "data_efficiency",
+    "curriculum_learning", "compression_training", "checkpoint", "data_types", "communication_data_type",
+    "seq_parallel_communication_data_type", "disable_allgather", "dataloader_drop_last", "disable_python_gc",
+    "log_level", "managed_gradient_accumulation", "use_data_before_expert_parallelism", "eigenvalue",
+    "progressive_layer_drop", "pipeline", "sparse_attention", "compile", "nebula", "weight_quantization",
+    "hybrid_engine", "graph_harvesting", "timers", "expert_parallel", "vocabulary_size",
+})
 
 
 @dataclasses.dataclass
@@ -127,6 +154,10 @@ class ExperimentConfig(Config):
         self.check(not unsafe, "name", "expected a folder name (not '.', '..', and without '/' or '\\')")
         self.check(bool(self.output_root) and "\0" not in self.output_root, "output_root",
                    "expected a non-empty path")
+        self.check(0 <= self.seed < 2**63, "seed", "expected an integer in [0, 2**63)")
+        root = Path(self.output_root)
+        self.check(not (root.exists() and not root.is_dir()), "output_root",
+                   "expected a directory (or a path to create); this is an existing file")
 
     @property
     def run_dir(self) -> Path:
@@ -152,18 +183,70 @@ _YAML12Loader.add_implicit_resolver(
 )
 
 
+def _refuse_duplicate_keys(loader: _YAML12Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """PyYAML keeps the last of two equal keys: a second ``train:`` section would silently drop the first."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_YAML12Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _refuse_duplicate_keys)
+MAX_YAML_NODES = 100_000  # a config has hundreds; anchors can make a few lines expand to billions
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes the document has once every alias is expanded (each anchored node counted once)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a node that contains itself counts once
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
 def parse_yaml(text: str) -> Any:
-    """YAML with 1.2 number rules (see :class:`_YAML12Loader`)."""
-    return yaml.load(text, Loader=_YAML12Loader)
+    """YAML with 1.2 number rules (see :class:`_YAML12Loader`), refusing duplicate keys and alias bombs."""
+    loader = _YAML12Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if (size := _expanded_size(node, {})) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"expands to {size:,} nodes through anchors and aliases "
+                                 f"(more than {MAX_YAML_NODES:,}); is it an alias bomb?")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and at which line and column."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{err.problem}{where}"
+    return " ".join(str(err).split())
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError("config", str(path), "expected a YAML file, got a directory")
     try:
         data = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError("config", str(path), "expected an existing YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", str(path), "expected a UTF-8 YAML text file, got binary data") from None
+    except OSError as err:
+        raise ConfigError("config", str(path), f"expected a readable YAML file ({err.strerror})") from None
     except yaml.YAMLError as err:
-        raise ConfigError("config", str(path), f"expected valid YAML ({err})") from None
+        raise ConfigError("config", str(path), f"expected valid YAML ({_yaml_problem(err)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -182,18 +265,25 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def compose_yaml(path: str | Path) -> dict[str, Any]:
+def compose_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Load ``path`` with its ``defaults`` list resolved (recursively, relative to the file)."""
     path = Path(path)
+    if path.resolve() in _including:
+        chain = " -> ".join(str(p) for p in (*_including, path.resolve()))
+        raise ConfigError(f"{_including[-1]}:defaults", str(path), f"a defaults cycle ({chain})")
     data = _read_yaml(path)
+    including = (*_including, path.resolve())
     defaults = data.pop("defaults", []) or []
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}:defaults", defaults, "expected a list of 'file' or '{group: file}'")
     merged: dict[str, Any] = {}
     for entry in defaults:
         if isinstance(entry, str):
-            merged = deep_merge(merged, compose_yaml(path.parent / f"{entry}.yaml"))
+            merged = deep_merge(merged, compose_yaml(path.parent / f"{entry}.yaml", including))
         elif isinstance(entry, Mapping) and len(entry) == 1:
             (group, name), = entry.items()
-            merged = deep_merge(merged, {group: compose_yaml(path.parent / group / f"{name}.yaml")})
+            group_file = path.parent / group / f"{name}.yaml"
+            merged = deep_merge(merged, {group: compose_yaml(group_file, including)})
         else:
             raise ConfigError(f"{path}:defaults", entry, "expected 'file' or '{group: file}' entries")
     return deep_merge(merged, data)
@@ -223,3 +313,42 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Exper
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML, loadable again by :func:`load_config`."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``field: old -> new`` for every leaf that differs between two config dicts (dotted paths)."""
+    changes = []
+    for key in sorted({*saved, *new}, key=str):
+        path = f"{prefix}{key}"
+        old, now = saved.get(key, _ABSENT), new.get(key, _ABSENT)
+        if isinstance(old, Mapping) and isinstance(now, Mapping):
+            changes += config_changes(old, now, f"{path}.")
+        elif old != now:
+            changes.append(f"{path}: {_show(old)} -> {_show(now)}")
+    return changes
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else repr(value)
+
+
+def check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
+    """Compare the run's saved ``config.yaml`` with the new config before resuming from a checkpoint.
+
+    A changed ``model.*`` field makes the checkpoint unloadable (or, for a scan order, silently wrong), so it
+    is refused, naming every such field; other changes (more steps, a new LR) are returned for the log.
+    """
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return []
+    saved = parse_yaml(path.read_text())
+    changes = config_changes(saved if isinstance(saved, Mapping) else {}, cfg.to_dict())
+    model = [c for c in changes if c.startswith("model.")]
+    if model:
+        raise ConfigError("model", cfg.model.name, f"the run {run_dir} was trained with another model; "
+                          f"changed since its config.yaml: {'; '.join(model)}. Restore them, or start a new "
+                          "experiment name")
+    return changes

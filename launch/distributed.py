@@ -13,9 +13,11 @@ CPU). :func:`extensions_dir` keeps that cache inside the virtualenv, and ``pytho
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import os
+import signal
 import socket
 import sys
 from collections.abc import Mapping, MutableMapping
@@ -83,6 +85,22 @@ def resolve_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     else:
         raise RuntimeError("MASTER_PORT is not set for a multi-process job outside SLURM")
     return DistEnv(rank, local, world, environ.get("MASTER_ADDR", "127.0.0.1"), port)
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, have the kernel SIGKILL this rank when the torchrun agent that started it dies.
+
+    torchrun starts every rank in its own session, so a ``kill -9`` of the agent (an OOM killer, a lost
+    login shell) would leave the ranks training unsupervised and holding their devices. Checkpoints are
+    written atomically, so being killed costs at most the steps since the last one. Linux only; an agent
+    killed during the rank's interpreter start-up, before this call, is not covered.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def extensions_dir() -> Path:

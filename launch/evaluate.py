@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dimsum.errors import UserError
 from launch.images import iter_images, npz_batches
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
 
 
-class FIDError(RuntimeError):
+class FIDError(UserError, RuntimeError):
     """FID cannot be computed; the message says which file or input is at fault and what to do."""
 
 

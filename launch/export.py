@@ -33,7 +33,7 @@ from launch.resume import client_state, consolidate_ema
 CONFIG_METADATA_KEY = "dimsum_model_config"
 
 
-class ExportError(ValueError, UserError):
+class ExportError(UserError, ValueError):
     """The run directory or step cannot be exported; the message says which and why."""
 
 
@@ -96,6 +96,8 @@ def export(run_dir: str | Path, out: str | Path | None = None, step: int | None 
     """Write ``out`` (default ``RUN/export/step-NNNNNNN-<which>.safetensors``) and its config YAML."""
     from safetensors.torch import save_file
 
+    if out is not None and Path(out).is_dir():
+        raise ExportError(f"--out: {out} is a directory; expected a .safetensors file path")
     step_dir = checkpoint_dir(run_dir, step)
     model_cfg, state = step_weights(step_dir, which)
     out = Path(out) if out else Path(run_dir) / "export" / f"{step_dir.name}-{which}.safetensors"

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from dimsum.errors import UserError
 from dimsum.samplers import Sampler, SamplerConfig, guided_velocity
 from launch import weights
 from launch.images import save_grid, save_npz, to_uint8
@@ -32,7 +33,7 @@ from launch.images import save_grid, save_npz, to_uint8
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A ``dimsum sample`` option is unusable; the message names the option and the value."""
 
 
@@ -217,6 +218,8 @@ def sample(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if args.batch_size <= 0:
         raise SampleError(f"--batch-size: got {args.batch_size}; expected a positive integer")
+    if args.out.exists() and not args.out.is_dir():
+        raise SampleError(f"--out: {args.out} is an existing file; expected a directory (or a new path)")
     sampler = sampler_config(args.sampler, steps=args.steps, atol=args.atol, rtol=args.rtol, path=args.path,
                              diffusion_norm=args.diffusion_norm)
     rank, world, created = init_distributed(device)
@@ -233,6 +236,10 @@ def sample_on_rank(args: argparse.Namespace, sampler: SamplerConfig, device: str
                    world: int) -> int:
     """Load, sample this rank's contiguous block of indices, decode, merge on rank 0, write."""
     model = load_model(args, device)
+    broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if broken is not None:  # sampling would "succeed" and write a grid of garbage
+        raise SampleError(f"the weights hold non-finite values (first: {broken!r}); they are from a diverged "
+                          "run or a damaged file")
     vae = None
     if not args.latents_only and args.vae != "pixels":
         from data_pipeline.vae import load_vae

@@ -42,7 +42,7 @@ from launch.checkpoint import (
     remove_ours,
 )
 from launch.collectives import Collectives, engine_device
-from launch.config import ExperimentConfig, dump_config, load_config
+from launch.config import ExperimentConfig, check_resume_config, dump_config, load_config
 from launch.distributed import (
     init_distributed,
     resolve_env,
@@ -119,7 +119,7 @@ class Trainer:
         self.engine = initialize(build_model(cfg.model), cfg, self.world)
         self.transport = Transport(t.path, t.time_sampling)
         self.autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-        self.loss_sum, self.nonfinite_in_a_row = 0.0, 0
+        self.loss_sum, self.nonfinite_in_a_row, self.skipped_logged = 0.0, 0, 0
         self.state = resume.TrainState()
         self.ema = EMA({n: f for n, (_, f) in master_fragments(self.engine).items()}, t.ema_decay)
         rank_part = None
@@ -158,6 +158,8 @@ class Trainer:
         if step < 0:
             return None
         start = Checkpoint(int(step), self.ckpt.step_dir(int(step)))
+        for change in check_resume_config(self.run_dir, self.cfg):
+            self.log(f"resuming with a changed config: {change}")
         saved_world = json.loads((start.path / MARKER).read_text())["world_size"]
         if saved_world != self.world:
             raise RuntimeError(f"{start.path} was written by {saved_world} ranks but this job has "
@@ -285,12 +287,13 @@ class Trainer:
     def log_progress(self) -> None:
         """Averages over ranks and over the steps since the last line (a collective)."""
         t, step = self.cfg.train, self.state.step
-        (loss,) = self.collectives.mean([self.loss_sum / max(self.meter.steps, 1)])
+        window_skips, self.skipped_logged = self.loader.skipped - self.skipped_logged, self.loader.skipped
+        loss, skipped = self.collectives.mean([self.loss_sum / max(self.meter.steps, 1), float(window_skips)])
         self.loss_sum = 0.0
         rates = self.meter.summary()
         norm = self.engine.get_global_grad_norm()
         metrics = {"loss": loss, "lr": self.engine.get_lr()[0], **rates,
-                   "nonfinite_total": float(self.state.nonfinite_total)}
+                   "nonfinite_total": float(self.state.nonfinite_total), "data_skipped": skipped * self.world}
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         self.tracker.log_metrics(metrics, step)
@@ -339,6 +342,11 @@ class Trainer:
                    "run_dir": str(self.run_dir), "mlflow_run_id": self.tracker.run_id,
                    "exit_code": REQUEUE_EXIT_CODE if preempted else 0,
                    "nonfinite_total": self.state.nonfinite_total}
+        if self.cfg.data.on_error == "skip":
+            (skipped,) = self.collectives.mean([float(self.loader.skipped)])
+            summary["data_skipped"] = round(skipped * self.world)
+            self.log(f"==> data: {summary['data_skipped']} bad sample(s) skipped on all ranks in this "
+                     "attempt (data.on_error=skip)")
         self.log(f"==> {summary['status']} at step {self.state.step}; exit code {summary['exit_code']}")
         return summary
 

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from dimsum.config import ConfigError
+from dimsum.errors import UserError
 from dimsum.registry import ModelConfig, build_model
 
 CONFIG_METADATA_KEY = "dimsum_model_config"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights cannot be turned into a model; the message names the file and what is wrong."""
 
 

@@ -112,3 +112,25 @@ def test_cli_help_lists_every_registered_command() -> None:
     for name in COMMANDS:
         sub = dimsum_cli(name, "--help")
         assert sub.returncode == 0 and f"dimsum {name}" in sub.stdout, sub.stderr
+
+
+def test_yaml_refuses_duplicate_keys_and_alias_bombs_but_keeps_merge_keys() -> None:
+    from launch.config import parse_yaml
+
+    with pytest.raises(yaml.YAMLError, match="duplicate key 'lr'"):
+        parse_yaml("train:\n  lr: 1\n  lr: 2\n")
+    levels = "".join(f"{a}: &{a} [{', '.join([f'*{b}'] * 9)}]\n" for b, a in zip("abcdefgh", "bcdefghi",
+                                                                                 strict=True))
+    with pytest.raises(yaml.YAMLError, match="alias bomb"):
+        parse_yaml("a: &a [x, x, x, x, x, x, x, x, x]\n" + levels)
+    merged = parse_yaml("base: &b {lr: 1, steps: 2}\ntrain:\n  <<: *b\n  lr: 3\n")
+    assert merged["train"] == {"lr": 3, "steps": 2}
+
+
+def test_config_changes_name_every_differing_field() -> None:
+    from launch.config import config_changes
+
+    saved = {"model": {"depth": 2, "scan_order": "sweep-4"}, "train": {"lr": 1.0}}
+    new = {"model": {"depth": 2, "scan_order": "zigzag-8"}, "train": {"lr": 2.0, "warmup_steps": 5}}
+    assert config_changes(saved, new) == ["model.scan_order: 'sweep-4' -> 'zigzag-8'", "train.lr: 1.0 -> 2.0",
+                                          "train.warmup_steps: (absent) -> 5"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shard_helpers import declare_member_size, rewrite_block, with_array
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import LatentLoader
@@ -227,3 +228,29 @@ def test_workers_survive_the_sigterm_slurm_sends_to_every_process(digits_shards:
     stream.close()
     expected, _ = take(digits_shards, 8, batch_size=16, num_workers=2)
     assert same(first + rest, expected)
+
+
+def test_checksum_is_checked_when_a_pass_opens_its_shard(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    write_tiny(tmp_path / "flip")
+    # halved values still decode and are finite: only the digest can tell
+    rewrite_block(tmp_path / "flip", 2, 0, with_array("latent.npy", lambda a: a * 0.5), update_manifest=False)
+    kwargs = dict(batch_size=8, resampled=False, streams=2)
+    with pytest.raises(ShardError) as raised:
+        take(tmp_path / "flip", 20, num_workers=2, **kwargs)
+    # raised in a worker, yet the message is the error's own single line (no worker traceback folded in)
+    assert str(raised.value).startswith("shard-000002.tar: sha256 ") and "\n" not in str(raised.value)
+    assert "does not match the manifest's" in str(raised.value)
+    batches, loader = take(tmp_path / "flip", 20, num_workers=0, on_error="skip", **kwargs)
+    assert len(batches) == 20 and loader.skipped == 0  # nothing decodable was dropped
+    assert "skipping bad data: shard-000002.tar: sha256" in caplog.text
+
+
+def test_a_member_declaring_a_terabyte_is_a_shard_error_or_a_counted_skip(tmp_path: Path) -> None:
+    write_tiny(tmp_path / "huge")
+    declare_member_size(tmp_path / "huge", 2, "000002-00004.latent.npy", 2**40)  # the last of 5 blocks
+    kwargs = dict(batch_size=8, resampled=False, streams=2)
+    with pytest.raises(ShardError, match=r"000002-00004.latent.npy' declares 1099511627776 bytes; the file"):
+        take(tmp_path / "huge", 20, num_workers=2, **kwargs)
+    batches, loader = take(tmp_path / "huge", 20, num_workers=2, on_error="skip", **kwargs)
+    assert loader.skipped == 8 and all(len(x) == 8 for x, _ in batches)

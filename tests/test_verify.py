@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import shutil
 from collections.abc import Callable
@@ -11,13 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from webdataset import TarWriter
+from shard_helpers import npy, rewrite_block, set_row, with_array
 
 from data_pipeline.demo import build_digits_shards
-from data_pipeline.shards import iter_blocks
 from launch import cli
-
-Members = dict[str, bytes]
 
 
 @pytest.fixture(scope="module")
@@ -30,45 +25,6 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def shards(clean: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(clean, tmp_path / "shards"))
-
-
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
-def rewrite_block(folder: Path, shard: int, block: int, change: Callable[[Members], Members], *,
-                  update_manifest: bool = True) -> str:
-    """Rewrite one block of a shard; by default fix the manifest's sha256 so only ``change`` is wrong."""
-    path = folder / f"shard-{shard:06d}.tar"
-    blocks = list(iter_blocks(path))
-    key = blocks[block][0]
-    tmp = path.with_suffix(".new")
-    with open(tmp, "wb") as f, TarWriter(f, encoder=False, mtime=0.0) as tar:
-        for k, members in blocks:
-            tar.write({"__key__": k, **(change(dict(members)) if k == key else members)})
-    tmp.replace(path)
-    if update_manifest:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        manifest["shards"][shard]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-        (folder / "manifest.json").write_text(json.dumps(manifest))
-    return key
-
-
-def load(members: Members, name: str) -> np.ndarray:
-    return np.load(io.BytesIO(members[name])).copy()
-
-
-def with_array(name: str, edit: Callable[[np.ndarray], np.ndarray]) -> Callable[[Members], Members]:
-    return lambda members: {**members, name: npy(edit(load(members, name)))}
-
-
-def set_row(value: float | int, row: int = 3) -> Callable[[np.ndarray], np.ndarray]:
-    def edit(array: np.ndarray) -> np.ndarray:
-        array[row] = value
-        return array
-    return edit
 
 
 def verify(folder: Path, capsys: pytest.CaptureFixture) -> tuple[int, str]:

@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import torch
 
-from dimsum.flops import forward_gmacs
-from dimsum.registry import build_model, model_config
+from dimsum.models.config import build_model, model_config
+from dimsum.models.flops import forward_gmacs
 
 QUICK = {"depth": 2, "hidden_size": 64, "attn_heads": 4}
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from data_pipeline.demo import build_digits_shards, digits_pixels
-from dimsum.registry import build_model
-from dimsum.transport import Transport
+from dimsum.diffusion.flow import Transport
+from dimsum.models.config import build_model
 from launch.config import load_config
 from launch.trainer import Trainer
 

@@ -10,21 +10,21 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ModelConfig": "dimsum.registry",
-    "REGISTRY": "dimsum.registry",
-    "build_model": "dimsum.registry",
-    "count_parameters": "dimsum.registry",
-    "create_model": "dimsum.registry",
-    "model_config": "dimsum.registry",
-    "DiMSUM": "dimsum.models",
-    "DiT": "dimsum.dit",
-    "forward_gmacs": "dimsum.flops",
-    "config_from_state_dict": "dimsum.convert",
-    "from_released": "dimsum.convert",
-    "load_released": "dimsum.convert",
-    "released_config": "dimsum.convert",
-    "resize_state_dict": "dimsum.convert",
-    "to_released": "dimsum.convert",
+    "ModelConfig": "dimsum.models.config",
+    "REGISTRY": "dimsum.models.config",
+    "build_model": "dimsum.models.config",
+    "count_parameters": "dimsum.models.config",
+    "create_model": "dimsum.models.config",
+    "model_config": "dimsum.models.config",
+    "DiMSUM": "dimsum.models.dimsum.model",
+    "DiT": "dimsum.models.dit.model",
+    "forward_gmacs": "dimsum.models.flops",
+    "config_from_state_dict": "dimsum.models.dimsum.released",
+    "from_released": "dimsum.models.dimsum.released",
+    "load_released": "dimsum.models.dimsum.released",
+    "released_config": "dimsum.models.dimsum.released",
+    "resize_state_dict": "dimsum.models.dimsum.released",
+    "to_released": "dimsum.models.dimsum.released",
 }
 __all__ = list(_EXPORTS)
 

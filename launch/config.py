@@ -18,7 +18,7 @@ import yaml
 
 from data_pipeline.config import DataConfig
 from dimsum.config import Config, ConfigError
-from dimsum.registry import ModelConfig
+from dimsum.models.config import ModelConfig
 
 
 @dataclasses.dataclass

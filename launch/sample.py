@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from dimsum.samplers import Sampler, SamplerConfig, guided_velocity
+from dimsum.sampling.solvers import Sampler, SamplerConfig, guided_velocity
 from launch import weights
 from launch.images import save_grid, save_npz, to_uint8
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dimsum.convert import (
+from dimsum.models.config import build_model
+from dimsum.models.dimsum.released import (
     config_from_state_dict,
     from_released,
     load_released,
@@ -18,7 +19,6 @@ from dimsum.convert import (
     released_haar_filters,
     to_released,
 )
-from dimsum.registry import build_model
 
 SPEC = Path("/work/shared/spec")
 RELEASED = {

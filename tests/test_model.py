@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from dimsum.blocks import CrossAttentionFusion, FrequencyBranch, SpatialBranch
-from dimsum.layers import modulate
-from dimsum.models import DiMSUM, drop_path_rates
-from dimsum.registry import create_model, model_config
-from dimsum.scan_orders import frequency_path, spatial_path
+from dimsum.models.config import create_model, model_config
+from dimsum.models.dimsum.blocks import CrossAttentionFusion, FrequencyBranch, SpatialBranch
+from dimsum.models.dimsum.model import DiMSUM, drop_path_rates
+from dimsum.nn.layers import modulate
+from dimsum.ssm.scan_orders import frequency_path, spatial_path
 
 TINY = {"depth": 2, "attn_every": 2, "hidden_size": 64, "fusion_heads": 4, "attn_heads": 4, "input_size": 16,
         "num_classes": 10, "label_dropout": 0.1}

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dimsum.flops import forward_gmacs
-from dimsum.registry import REGISTRY, build_model, count_parameters, create_model, model_config
+from dimsum.models.config import REGISTRY, build_model, count_parameters, create_model, model_config
+from dimsum.models.flops import forward_gmacs
 from launch.cli import main as cli_main
 
 

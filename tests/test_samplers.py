@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from dimsum.config import ConfigError
-from dimsum.samplers import Sampler, SamplerConfig, cfg_combine, guided_velocity
-from dimsum.transport import Transport
+from dimsum.diffusion.flow import Transport
+from dimsum.sampling.solvers import Sampler, SamplerConfig, cfg_combine, guided_velocity
 
 PATHS = ("GVP", "Linear")
 N, DIM = 4000, 3  # the ODE tests see integration error only, so N can be small; the SDE test uses 5N

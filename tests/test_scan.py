@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from dimsum import scan
-from dimsum.scan import (
+from dimsum.ssm import scan
+from dimsum.ssm.scan import (
     causal_conv1d,
     initial_state_correction,
     scan_with_zero_state_kernel,
@@ -182,7 +182,7 @@ def record_imports(monkeypatch):
 
 
 def test_auto_backend_on_cpu_uses_torch_and_never_imports_cuda_packages(record_imports) -> None:
-    from dimsum.mamba import Mamba
+    from dimsum.ssm.mamba import Mamba
 
     inputs = make_inputs(dtype=torch.float32)
     assert scan._resolve_backend("auto", inputs["u"]) == "torch"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from dimsum.flops import forward_gmacs
-from dimsum.registry import REGISTRY, count_parameters, model_config
+from dimsum.models.config import REGISTRY, count_parameters, model_config
+from dimsum.models.flops import forward_gmacs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dimsum.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
-from dimsum.layers import FinalLayer
-from dimsum.registry import ModelConfig
+from dimsum.models.config import ModelConfig
+from dimsum.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from dimsum.nn.layers import FinalLayer
 
 
 class Backbone(nn.Module):

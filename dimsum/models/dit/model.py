@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dimsum.backbone import Backbone
-from dimsum.layers import FinalLayer, TransformerBlock
-from dimsum.registry import ModelConfig
+from dimsum.models.config import ModelConfig
+from dimsum.nn.layers import FinalLayer, TransformerBlock
+from dimsum.nn.patch_net import Backbone
 
 
 class DiT(Backbone):

@@ -12,11 +12,11 @@ import math
 import torch
 from torch import nn
 
-from dimsum.backbone import Backbone
-from dimsum.blocks import DiMBlock
-from dimsum.layers import FinalLayer, TransformerBlock
-from dimsum.mamba import Mamba
-from dimsum.registry import ModelConfig
+from dimsum.models.config import ModelConfig
+from dimsum.models.dimsum.blocks import DiMBlock
+from dimsum.nn.layers import FinalLayer, TransformerBlock
+from dimsum.nn.patch_net import Backbone
+from dimsum.ssm.mamba import Mamba
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:

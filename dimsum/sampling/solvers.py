@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint
 
 from dimsum.config import Config
-from dimsum.transport import Transport, Velocity
+from dimsum.diffusion.flow import Transport, Velocity
 
 TORCHDIFFEQ_METHODS = {"dopri5": "dopri5", "euler": "euler", "heun": "heun2"}
 

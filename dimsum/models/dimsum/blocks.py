@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimsum.layers import GEGLU, DropPath, ada_modulation, modulate
-from dimsum.mamba import Mamba
-from dimsum.registry import ModelConfig
-from dimsum.scan_orders import scan_indices
-from dimsum.wavelet import HaarPacketTokens
+from dimsum.models.config import ModelConfig
+from dimsum.models.dimsum.wavelet import HaarPacketTokens
+from dimsum.nn.layers import GEGLU, DropPath, ada_modulation, modulate
+from dimsum.ssm.mamba import Mamba
+from dimsum.ssm.scan_orders import scan_indices
 
 
 def _grid(tokens: torch.Tensor) -> int:

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import torch
 
-from dimsum.embeddings import resize_pos_embed
-from dimsum.registry import REGISTRY, ModelConfig, model_config
+from dimsum.models.config import REGISTRY, ModelConfig, model_config
+from dimsum.nn.embeddings import resize_pos_embed
 
 # (ours, released) prefixes. Top-level keys, then keys inside ``blocks.<k>.``.
 _TOP = (

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from dimsum.registry import ModelConfig
+from dimsum.models.config import ModelConfig
 
 SCAN_MACS_PER_STATE = 4
 D_STATE, D_CONV, EXPAND, FREQUENCIES = 16, 4, 2, 256

@@ -104,10 +104,10 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Instantiate the network described by ``cfg`` (on the current default device)."""
     if cfg.family == "dit":
-        from dimsum.dit import DiT
+        from dimsum.models.dit.model import DiT
 
         return DiT(cfg)
-    from dimsum.models import DiMSUM
+    from dimsum.models.dimsum.model import DiMSUM
 
     return DiMSUM(cfg)
 

@@ -32,7 +32,7 @@ import torch
 
 from data_pipeline.demo import build_digits_shards, digits_pixels
 from dimsum.diffusion.flow import Transport
-from dimsum.models.config import build_model
+from dimsum.models import build_model
 from launch.config import load_config
 from launch.trainer import Trainer
 

@@ -12,8 +12,7 @@ import sys
 
 import torch
 
-from dimsum.models.config import ModelConfig
-from dimsum.models.flops import forward_gmacs
+from dimsum.models import ModelConfig, forward_gmacs
 
 BF16_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0}
 

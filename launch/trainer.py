@@ -25,7 +25,7 @@ import torch
 
 from dimsum.diffusion.flow import Transport
 from dimsum.ema import EMA
-from dimsum.models.config import build_model, count_parameters
+from dimsum.models import build_model, count_parameters
 from launch import resume
 from launch.checkpoint import MARKER, Checkpoint, CheckpointManager
 from launch.config import ExperimentConfig, dump_config, load_config
@@ -151,7 +151,7 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        from dimsum.models.flops import forward_gmacs
+        from dimsum.models import forward_gmacs
 
         self.log(f"==> experiment {cfg.name}: run dir {self.run_dir}")
         self.log(f"    {self.world} x {self.device}, {self.precision}, ZeRO-{cfg.deepspeed.zero_stage}, "

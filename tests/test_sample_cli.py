@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dimsum.models.config import ModelConfig, build_model, model_config
+from dimsum.models import ModelConfig, build_model, model_config
 from dimsum.models.dimsum.released import released_config, to_released
 from launch.cli import main
 from launch.sample import generate

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from dimsum.sampling.solvers import Sampler, SamplerConfig, guided_velocity
+from dimsum.sampling import Sampler, SamplerConfig
+from dimsum.sampling import guided_prediction as guided_velocity
 from launch import weights
 from launch.images import save_grid, save_npz, to_uint8
 

@@ -110,7 +110,7 @@ def forward_backward(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Te
 
 def scan_accuracy(backend: str, device: str, dims: tuple[int, int, int]) -> dict[str, float]:
     """Largest error relative to the largest reference value, per output and gradient, fp32 inputs."""
-    from dimsum.scan import selective_scan, sequential_scan
+    from dimsum.ssm.scan import selective_scan, sequential_scan
 
     reference = forward_backward(sequential_scan, scan_inputs(*dims, dtype=torch.float64, device="cpu"))
     result = forward_backward(lambda **kw: selective_scan(**kw, backend=backend),
@@ -123,7 +123,7 @@ def scan_accuracy(backend: str, device: str, dims: tuple[int, int, int]) -> dict
 
 def scan_cost(backend: str, device: str, shape: tuple[int, int, int], repeats: int) -> dict[str, Any]:
     """Median forward + backward time and peak memory of one call at ``shape`` = (batch, d_inner, length)."""
-    from dimsum.scan import selective_scan
+    from dimsum.ssm.scan import selective_scan
 
     inputs = scan_inputs(*shape, dtype=torch.bfloat16, device=device)
     run = lambda: forward_backward(lambda **kw: selective_scan(**kw, backend=backend), inputs)  # noqa: E731
@@ -140,7 +140,7 @@ def scan_cost(backend: str, device: str, shape: tuple[int, int, int], repeats: i
 
 
 def check_scan(device: str, dry_run: bool) -> dict[str, Any]:
-    from dimsum import scan
+    from dimsum.ssm import scan
 
     backends = ["torch"]
     missing = scan._cuda_kernels().missing if device == "cuda" else "not on CUDA"

@@ -26,8 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dimsum import scan
-from dimsum.scan import selective_scan, sequential_scan
+from dimsum.ssm import scan
+from dimsum.ssm.scan import selective_scan, sequential_scan
 
 
 def make_inputs(batch: int, dim: int, length: int, state: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -18,8 +18,7 @@ from collections import defaultdict
 
 import torch
 
-from dimsum.flops import forward_gmacs
-from dimsum.registry import build_model, model_config
+from dimsum.models import build_model, forward_gmacs, model_config
 
 QUICK = {"depth": 2, "hidden_size": 64, "attn_heads": 4}
 

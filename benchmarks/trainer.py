@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from data_pipeline.demo import build_digits_shards, digits_pixels
-from dimsum import scan
-from dimsum.registry import build_model
-from dimsum.transport import Transport
+from dimsum.diffusion.flow import Transport
+from dimsum.models import build_model
+from dimsum.ssm import scan
 from launch.config import load_config
 from launch.trainer import Trainer
 

@@ -20,7 +20,8 @@ import yaml
 
 from data_pipeline.config import DataConfig
 from dimsum.config import Config, ConfigError
-from dimsum.registry import ModelConfig
+from dimsum.models import ModelConfig
+from dimsum.models.dimsum.config import DiMSUMConfig
 
 
 @dataclasses.dataclass
@@ -141,7 +142,7 @@ class ExperimentConfig(Config):
     name: str = "demo"
     seed: int = 0
     output_root: str = "checkpoints"
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: ModelConfig = dataclasses.field(default_factory=DiMSUMConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from dimsum.errors import UserError
-from dimsum.registry import ModelConfig, build_model
+from dimsum.models import ModelConfig, build_model
 from launch.checkpoint import CheckpointManager, damage, step_name
 from launch.config import ExperimentConfig, dump_config
 from launch.resume import client_state, consolidate_ema

@@ -14,8 +14,7 @@ import warnings
 
 import torch
 
-from dimsum.flops import forward_gmacs
-from dimsum.registry import ModelConfig
+from dimsum.models import ModelConfig, forward_gmacs
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor's data sheets, matched as substrings of
 # torch.cuda.get_device_name() in this order, so the more specific names come first ("H100 PCIe" is a

@@ -26,7 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 from dimsum.errors import UserError
-from dimsum.samplers import Sampler, SamplerConfig, guided_velocity
+from dimsum.sampling import Sampler, SamplerConfig
+from dimsum.sampling import guided_prediction as guided_velocity
 from launch import weights
 from launch.images import save_grid, save_npz, to_uint8
 

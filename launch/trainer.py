@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from dimsum.config import ConfigError
+from dimsum.diffusion.flow import Transport
 from dimsum.ema import EMA
 from dimsum.errors import UserError
-from dimsum.registry import build_model, count_parameters
-from dimsum.transport import Transport
+from dimsum.models import build_model, count_parameters
 from launch import resume
 from launch.checkpoint import (
     MARKER,
@@ -210,7 +210,7 @@ class Trainer:
         if self.rank == 0:
             mark_ours(self.run_dir)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        from dimsum.flops import forward_gmacs
+        from dimsum.models import forward_gmacs
 
         self.log(f"==> experiment {cfg.name}: run dir {self.run_dir}")
         self.log(f"    {self.world} x {self.device}, {self.precision}, ZeRO-{cfg.deepspeed.zero_stage}, "

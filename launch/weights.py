@@ -17,7 +17,7 @@ from torch import nn
 
 from dimsum.config import ConfigError
 from dimsum.errors import UserError
-from dimsum.registry import ModelConfig, build_model
+from dimsum.models import ModelConfig, build_model
 
 CONFIG_METADATA_KEY = "dimsum_model_config"
 
@@ -55,7 +55,8 @@ def load_exported(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 def load_released_checkpoint(path: str | Path, which: str = "ema", name: str | None = None,
                              overrides: Mapping[str, Any] | None = None) -> tuple[ModelConfig, dict]:
     """(config, state dict) from a released checkpoint (``which``: "ema" or "raw"); ``name`` forces a size."""
-    from dimsum.convert import config_from_state_dict, load_released, released_config
+    from dimsum.models.dimsum.released import config_from_state_dict, released_config
+    from launch.released import load_released
 
     try:
         state_dict = load_released(path, which="ema" if which == "ema" else "model")

@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dimsum.convert import (
+from dimsum.models import build_model
+from dimsum.models.dimsum.released import (
     config_from_state_dict,
     from_released,
-    load_released,
     released_config,
     released_haar_filters,
     to_released,
 )
-from dimsum.registry import build_model
+from launch.released import load_released
 
 SPEC = Path("/work/shared/spec")
 RELEASED = {

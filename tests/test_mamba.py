@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dimsum.mamba import Mamba
-from dimsum.scan import sequential_scan
+from dimsum.ssm.mamba import Mamba
+from dimsum.ssm.scan import sequential_scan
 
 SPEC = Path("/work/shared/spec")
 PREFIX = "blocks.0.spatial_mamba.mixer."

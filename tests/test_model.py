@@ -7,19 +7,21 @@ import math
 import pytest
 import torch
 
-from dimsum.blocks import CrossAttentionFusion, FrequencyBranch, SpatialBranch
-from dimsum.layers import modulate
-from dimsum.models import DiMSUM, drop_path_rates
-from dimsum.registry import create_model, model_config
-from dimsum.scan_orders import frequency_path, spatial_path
+from dimsum.models import create_model, model_config
+from dimsum.models.dimsum.blocks import CrossAttentionFusion, FrequencyBranch, SpatialBranch
+from dimsum.models.dimsum.model import DiMSUM, drop_path_rates
+from dimsum.nn.layers import modulate
+from dimsum.ssm.scan_orders import frequency_path, spatial_path
 
-TINY = {"depth": 2, "attn_every": 2, "hidden_size": 64, "fusion_heads": 4, "attn_heads": 4, "input_size": 16,
-        "num_classes": 10, "label_dropout": 0.1}
+TINY = {"depth": 2, "hidden_size": 64, "attn_heads": 4, "input_size": 16, "num_classes": 10,
+        "label_dropout": 0.1}
+TINY_DIMSUM = {"attn_every": 2, "fusion_heads": 4}  # fields only the DiMSUM config has
 
 
 def _tiny(name: str = "DiMSUM-debug", seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return create_model(name, **{**TINY, **overrides})
+    family_fields = TINY_DIMSUM if name.startswith("DiMSUM") else {}
+    return create_model(name, **{**TINY, **family_fields, **overrides})
 
 
 def _inputs(batch: int = 2, size: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +117,7 @@ def test_shared_block_is_one_module_applied_every_attn_every_blocks() -> None:
 
 @pytest.mark.parametrize("block", [0, 1, 2, 3])
 def test_spatial_branch_runs_the_mamba_in_its_scan_order(block: int) -> None:
-    cfg = model_config("DiMSUM-debug", **TINY)
+    cfg = model_config("DiMSUM-debug", **TINY, **TINY_DIMSUM)
     torch.manual_seed(0)
     branch = SpatialBranch(cfg, block)
     h, c = torch.randn(2, 64, 32), torch.randn(2, 64)
@@ -128,7 +130,7 @@ def test_spatial_branch_runs_the_mamba_in_its_scan_order(block: int) -> None:
 
 
 def test_frequency_branch_mixes_window_scanned_wavelet_tokens() -> None:
-    cfg = model_config("DiMSUM-debug", **TINY)
+    cfg = model_config("DiMSUM-debug", **TINY, **TINY_DIMSUM)
     torch.manual_seed(0)
     branch = FrequencyBranch(cfg, block=1)
     h, c = torch.randn(2, 64, 32), torch.randn(2, 64)
@@ -227,4 +229,4 @@ def test_wrong_input_shape_fails_with_the_expected_shape() -> None:
 
 def test_build_rejects_the_wrong_family() -> None:
     with pytest.raises(ValueError, match="needs family='dimsum'"):
-        DiMSUM(model_config("DiT-S/2"))
+        DiMSUM(model_config("DiT-S/2"), out_channels=4)

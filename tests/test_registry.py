@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dimsum.flops import forward_gmacs
-from dimsum.registry import REGISTRY, build_model, count_parameters, create_model, model_config
+from dimsum.config import ConfigError
+from dimsum.models import REGISTRY, ModelConfig, build_model, count_parameters, forward_gmacs, model_config
 from launch.cli import main as cli_main
 
 
@@ -124,15 +125,39 @@ def test_dimsum_flops_agree_with_the_built_modules(overrides: dict) -> None:
     assert forward_gmacs(cfg) * 1e9 == macs
 
 
-def test_package_exports_resolve_lazily() -> None:
-    import dimsum
-
-    for name in dimsum.__all__:
-        assert getattr(dimsum, name) is not None
-    assert dimsum.create_model is create_model
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        _ = dimsum.nope
+def test_config_framework_imports_without_torch() -> None:
     # the CLI imports dimsum.config first; that must not pull in torch or pytorch-wavelets
     code = "import sys, dimsum.config; print('torch' in sys.modules, 'pytorch_wavelets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_dit_learned_sigma_head_matches_dits_count() -> None:
+    # an objective that asks for 8 output channels (eps and sigma) gets DiT's own learn_sigma=True model
+    assert count_parameters(model_config("DiT-XL/2"), out_channels=8) == 675_129_632
+    with torch.device("meta"):
+        model = build_model(model_config("DiT-S/2", input_size=8), out_channels=8)
+    assert model.final_layer.linear.out_features == 2 * 2 * 8
+
+
+def test_an_unknown_family_is_a_config_error_not_a_default() -> None:
+    expected = r"model\.family: got 'unet'; expected a registered family: dimsum, dit"
+    with pytest.raises(ConfigError, match=expected):
+        ModelConfig.from_dict({"name": "DiMSUM-debug", "family": "unet"}, "model")
+    stray = dataclasses.replace(model_config("DiT-S/2"), family="unet")
+    with pytest.raises(ConfigError, match="family: got 'unet'"):
+        forward_gmacs(stray)
+    with pytest.raises(ConfigError, match="family: got 'unet'"):
+        build_model(stray)
+
+
+def test_dit_config_has_no_dimsum_fields_but_reads_old_configs_that_list_them() -> None:
+    dit = model_config("DiT-S/2")
+    assert not hasattr(dit, "scan_order") and "scan_order" not in dit.to_dict()
+    assert hasattr(model_config("DiMSUM-debug"), "scan_order")
+    # a pre-split DiT config.yaml / export metadata lists every field, DiMSUM's at their defaults
+    old = {**dit.to_dict(), "attn_every": 4, "fusion_heads": 8, "drop_path": 0.0, "scan_order": "sweep-4",
+           "cond_mamba": "initial_state", "wavelet_layout": "subband", "backend": "auto"}
+    assert ModelConfig.from_dict(old) == dit
+    with pytest.raises(ConfigError, match=r"model\.scan_order: got 'bi'; unknown key"):
+        ModelConfig.from_dict({"name": "DiT-S/2", "scan_order": "bi"}, "model")

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dimsum.convert import released_config, to_released
-from dimsum.registry import ModelConfig, build_model, model_config
+from dimsum.models import ModelConfig, build_model, model_config
+from dimsum.models.dimsum.released import released_config, to_released
 from launch.cli import main
 from launch.sample import generate
 from launch.weights import CONFIG_METADATA_KEY, WeightsError, instantiate, load_exported

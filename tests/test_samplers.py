@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from dimsum.config import ConfigError
-from dimsum.samplers import Sampler, SamplerConfig, cfg_combine, guided_velocity
-from dimsum.transport import Transport
+from dimsum.diffusion import OBJECTIVES, Transport, build_objective
+from dimsum.sampling import Sampler, SamplerConfig, cfg_combine, guided_prediction
 
 PATHS = ("GVP", "Linear")
 N, DIM = 4000, 3  # the ODE tests see integration error only, so N can be small; the SDE test uses 5N
@@ -128,7 +128,7 @@ def toy() -> ToyConditional:
 
 def test_cfg_scale_one_is_the_conditional_output(toy) -> None:
     x, t, y = torch.randn(5, 4, 8, 8), torch.rand(5), torch.tensor([0, 1, 2, 0, 1])
-    torch.testing.assert_close(guided_velocity(toy, y, 1.0)(x, t), toy(x, t, y))
+    torch.testing.assert_close(guided_prediction(toy, y, 1.0)(x, t), toy(x, t, y))
     v_c, v_u = toy(x, t, y), toy(x, t, torch.full_like(y, 3))
     torch.testing.assert_close(cfg_combine(v_c, v_u, 1.0), v_c)
 
@@ -136,7 +136,7 @@ def test_cfg_scale_one_is_the_conditional_output(toy) -> None:
 def test_cfg_is_one_batched_call_equal_to_two_separate_calls(toy) -> None:
     x, t, y = torch.randn(5, 4, 8, 8), torch.rand(5), torch.tensor([0, 1, 2, 0, 1])
     toy.calls = 0
-    guided = guided_velocity(toy, y, 4.0)(x, t)
+    guided = guided_prediction(toy, y, 4.0)(x, t)
     assert toy.calls == 1
     v_c, v_u = toy(x, t, y), toy(x, t, torch.full_like(y, 3))
     torch.testing.assert_close(guided, v_u + 4.0 * (v_c - v_u), rtol=1e-5, atol=1e-5)
@@ -146,9 +146,9 @@ def test_cfg_is_one_batched_call_equal_to_two_separate_calls(toy) -> None:
 def test_cfg_needs_a_conditional_model_with_null_label(toy) -> None:
     toy.null_label = None
     with pytest.raises(ValueError, match="null_label: None"):
-        guided_velocity(toy, torch.tensor([0]), 1.5)
+        guided_prediction(toy, torch.tensor([0]), 1.5)
     with pytest.raises(ValueError, match="labels given: False"):
-        guided_velocity(ToyConditional(), None, 1.5)
+        guided_prediction(ToyConditional(), None, 1.5)
 
 
 @pytest.mark.parametrize("method", ["euler", "heun", "sde"])
@@ -159,7 +159,7 @@ def test_samples_do_not_depend_on_the_batch_they_are_in(toy, method) -> None:
 
     def run(rows: slice) -> torch.Tensor:
         increments = iter(noise[:, rows])
-        return Sampler(cfg)(guided_velocity(toy, y[rows], 2.0), x0[rows], noise=lambda: next(increments))[0]
+        return Sampler(cfg)(guided_prediction(toy, y[rows], 2.0), x0[rows], noise=lambda: next(increments))[0]
 
     batch = run(slice(0, 3))
     for i in range(3):
@@ -170,8 +170,9 @@ def test_bf16_autocast_runs_the_network_in_bf16_but_integrates_in_fp32(toy) -> N
     x0, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 1])
     dtypes = []
     toy.proj.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
-    fp32, _ = Sampler(SamplerConfig(method="heun", steps=4))(guided_velocity(toy, y, 1.5), x0)
-    bf16, _ = Sampler(SamplerConfig(method="heun", steps=4))(guided_velocity(toy, y, 1.5, torch.bfloat16), x0)
+    heun = Sampler(SamplerConfig(method="heun", steps=4))
+    fp32, _ = heun(guided_prediction(toy, y, 1.5), x0)
+    bf16, _ = heun(guided_prediction(toy, y, 1.5, torch.bfloat16), x0)
     assert dtypes[0] == torch.float32 and dtypes[-1] == torch.bfloat16
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
@@ -182,3 +183,44 @@ def test_sampler_config_errors_name_the_field() -> None:
         SamplerConfig.from_dict({"method": "euler", "steps": 0}, "sampler")
     with pytest.raises(ConfigError, match=r"method: got 'rk45'"):
         SamplerConfig.from_dict({"method": "rk45"})
+
+
+def test_guidance_combines_only_the_channels_the_objective_names(toy) -> None:
+    # a learned-sigma DDPM guides eps (the first channels) and keeps the conditional variance channels
+    x, t, y = torch.randn(5, 4, 8, 8), torch.rand(5), torch.tensor([0, 1, 2, 0, 1])
+    out = guided_prediction(toy, y, 4.0, guided_channels=2)(x, t)
+    v_c, v_u = toy(x, t, y), toy(x, t, torch.full_like(y, 3))
+    torch.testing.assert_close(out[:, :2], cfg_combine(v_c, v_u, 4.0)[:, :2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 2:], v_c[:, 2:])
+    torch.testing.assert_close(guided_prediction(toy, y, 4.0, guided_channels=4)(x, t),
+                               guided_prediction(toy, y, 4.0)(x, t))
+
+
+def test_flow_objective_predicts_a_fully_guided_velocity() -> None:
+    flow = build_objective("flow", path="Linear")
+    assert isinstance(flow, Transport) and list(OBJECTIVES) == ["flow"]
+    assert (flow.out_channels(4), flow.guided_channels(4)) == (4, 4)
+    v, x, t = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.rand(2)
+    assert flow.velocity(v, x, t) is v
+    with pytest.raises(ValueError, match="objective kind: got 'ddpm'; expected one of flow"):
+        build_objective("ddpm")
+
+
+class HalfVelocity:
+    """An objective whose network predicts twice the velocity: samplers must read it through velocity()."""
+
+    def velocity(self, prediction: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return prediction / 2
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_samplers_integrate_the_velocity_the_objective_reads_off_the_prediction(target, method) -> None:
+    mean, cov = target
+    exact = Transport("GVP").gaussian_velocity(mean, cov)
+    x0, cfg = torch.randn(64, DIM), SamplerConfig(method=method, steps=20)
+    via_objective, nfe = Sampler(cfg, HalfVelocity())(lambda x, t: 2 * exact(x, t), x0)
+    plain, _ = Sampler(cfg)(exact, x0)
+    torch.testing.assert_close(via_objective, plain)
+    assert nfe == {"euler": 20, "heun": 40}[method]
+    with pytest.raises(ValueError, match="sampler 'sde' needs a flow-matching objective, got HalfVelocity"):
+        Sampler(SamplerConfig(method="sde", steps=2), HalfVelocity())(exact, x0)

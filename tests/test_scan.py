@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
-from dimsum import scan
-from dimsum.scan import (
+from dimsum.ssm import scan
+from dimsum.ssm.scan import (
     causal_conv1d,
     initial_state_correction,
     scan_with_zero_state_kernel,
@@ -186,7 +186,7 @@ def record_imports(monkeypatch):
 
 
 def test_auto_backend_on_cpu_uses_torch_and_never_imports_cuda_packages(record_imports) -> None:
-    from dimsum.mamba import Mamba
+    from dimsum.ssm.mamba import Mamba
 
     inputs = make_inputs(dtype=torch.float32)
     assert scan._resolve_backend("auto", inputs["u"]) == "torch"
@@ -328,7 +328,7 @@ def saved_bytes(fn) -> tuple[int, int]:
 def test_one_mamba_call_saves_o_of_b_d_plus_n_l_on_the_cuda_path() -> None:
     """The cuda path (zero-state kernel + h0 term), with the torch kernels standing in, keeps no
     (B, D, L, N) tensor for backward and no more than the torch backend does."""
-    from dimsum.mamba import Mamba
+    from dimsum.ssm.mamba import Mamba
 
     batch, d_model, length, state = 2, 32, 64, 16
     torch.manual_seed(0)

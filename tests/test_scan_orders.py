@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dimsum.scan_orders import SPATIAL_ORDERS, frequency_path, scan_indices, spatial_path, window_path
+from dimsum.ssm.scan_orders import SPATIAL_ORDERS, frequency_path, scan_indices, spatial_path, window_path
 
 ALL_ORDERS = [*SPATIAL_ORDERS, "frequency"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dimsum.transport import Transport
+from dimsum.diffusion.flow import Transport
 
 PATHS = ("GVP", "Linear")
 

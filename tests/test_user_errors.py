@@ -35,7 +35,7 @@ from shard_helpers import (
     with_array,
 )
 
-from dimsum.registry import build_model, model_config
+from dimsum.models import build_model, model_config
 from launch.weights import CONFIG_METADATA_KEY
 
 REPO = Path(__file__).resolve().parents[1]

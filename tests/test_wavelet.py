@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dimsum.convert import released_haar_filters
-from dimsum.wavelet import LAYOUTS, HaarPacketTokens, bands_to_tokens, haar_packet, tokens_to_bands
+from dimsum.models.dimsum.released import released_haar_filters
+from dimsum.models.dimsum.wavelet import (
+    LAYOUTS,
+    HaarPacketTokens,
+    bands_to_tokens,
+    haar_packet,
+    tokens_to_bands,
+)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

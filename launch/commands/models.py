@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dimsum.flops import forward_gmacs
-from dimsum.registry import REGISTRY, count_parameters, model_config
+from dimsum.models import REGISTRY, count_parameters, forward_gmacs, model_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

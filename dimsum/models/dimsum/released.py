@@ -1,4 +1,4 @@
-"""Released DiMSUM checkpoints <-> our state dicts (spec §6).
+"""Released DiMSUM checkpoints <-> our state dicts (spec §6); reading the files is ``launch.released``.
 
 Our module names say what the released ones abbreviate (``fusion.qkv_spatial`` for ``proj.qkv1``, ...);
 everything else is named as released. Every key must match a known prefix, so a state dict of another
@@ -11,17 +11,15 @@ The released state dicts also carry five constant Haar filters per block (``freq
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from dimsum.embeddings import resize_pos_embed
-from dimsum.registry import REGISTRY, ModelConfig, model_config
+from dimsum.models.config import REGISTRY, ModelConfig, model_config
+from dimsum.nn.embeddings import resize_pos_embed
 
 # (ours, released) prefixes. Top-level keys, then keys inside ``blocks.<k>.``.
 _TOP = (
@@ -129,44 +127,3 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], **overrides: 
 def resize_state_dict(state_dict: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
     """Bicubically resize ``pos_embed`` to a ``grid`` x ``grid`` token map (other resolutions)."""
     return {**state_dict, "pos_embed": resize_pos_embed(state_dict["pos_embed"], grid)}
-
-
-def _read(path: Path) -> Any:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    # Released training checkpoints pickle their argparse.Namespace next to the weights.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_released(path: str | Path, which: Literal["ema", "model"] = "ema",
-                  grid: int | None = None) -> dict[str, torch.Tensor]:
-    """Load a released checkpoint from a LOCAL path and convert it to our names.
-
-    Accepts the training checkpoint (a dict with "model" and "ema"; ``which`` picks one), the hub's
-    single-file ``pytorch_model.bin`` / ``model.safetensors``, or a directory holding one of those.
-    ``grid`` resizes the position table when the model runs at another resolution.
-    """
-    path = Path(path)
-    if path.is_dir():
-        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        data = _read(path)
-    except Exception as err:  # unpickling, safetensors and zip errors have no common base
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-    if isinstance(data, Mapping) and "model" in data and "ema" in data:
-        data = data[which]
-    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{path}: expected a state dict or a dict with 'model' and 'ema' state dicts")
-    try:
-        state_dict = from_released({k.removeprefix("module."): v for k, v in data.items()})
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"{path}: {err}") from None
-    return resize_state_dict(state_dict, grid) if grid is not None else state_dict

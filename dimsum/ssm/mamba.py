@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimsum.scan import BACKENDS, causal_conv1d, selective_scan
+from dimsum.ssm.scan import BACKENDS, causal_conv1d, selective_scan
 
 COND_MODES = ("initial_state", "released", "none")
 

@@ -44,7 +44,8 @@ def _expand(t: Tensor, x: Tensor) -> Tensor:
 
 
 class Transport:
-    """The training objective and the path algebra shared by the ODE and SDE samplers.
+    """Flow matching (an :class:`~dimsum.diffusion.objective.Objective`) and the path algebra shared by the
+    ODE and SDE samplers. The network predicts the velocity: ``in_channels`` outputs, all guided.
 
     Randomness (x0, t) comes from torch's default generator on purpose: the trainer saves and restores
     that generator's state, which makes a resumed run bit-identical to an uninterrupted one.
@@ -77,6 +78,16 @@ class Transport:
         x_t, u_t = self.interpolate(x0, x1, t)
         v = model(x_t, t, **(model_kwargs or {}))
         return (v.float() - u_t.float()).pow(2).mean(dim=tuple(range(1, x1.dim())))
+
+    def out_channels(self, in_channels: int) -> int:
+        return in_channels
+
+    def guided_channels(self, in_channels: int) -> int:
+        return in_channels
+
+    def velocity(self, prediction: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """The prediction is the velocity."""
+        return prediction
 
     def score_from_velocity(self, v: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """∇log p_t(x) from the velocity, exact for the optimal field (as in SiT).

@@ -12,11 +12,11 @@ import math
 import torch
 from torch import nn
 
-from dimsum.backbone import Backbone
-from dimsum.blocks import DiMBlock
-from dimsum.layers import FinalLayer, TransformerBlock
-from dimsum.mamba import Mamba
-from dimsum.registry import ModelConfig
+from dimsum.models.dimsum.blocks import DiMBlock
+from dimsum.models.dimsum.config import DiMSUMConfig
+from dimsum.nn.layers import FinalLayer, TransformerBlock
+from dimsum.nn.patch_net import PatchNet
+from dimsum.ssm.mamba import Mamba
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
@@ -25,16 +25,16 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
     return [0.0, *linspace[:-1]]
 
 
-class DiMSUM(Backbone):
-    def __init__(self, cfg: ModelConfig) -> None:
+class DiMSUM(PatchNet):
+    def __init__(self, cfg: DiMSUMConfig, out_channels: int) -> None:
         if cfg.family != "dimsum":
             raise ValueError(f"{cfg.name}: DiMSUM needs family='dimsum', got {cfg.family!r}")
-        super().__init__(cfg, learnable_pos_embed=True)
+        super().__init__(cfg, out_channels, learnable_pos_embed=True)
         D = cfg.hidden_size
         rates = drop_path_rates(cfg.drop_path, cfg.depth)
         self.blocks = nn.ModuleList(DiMBlock(cfg, k, rate) for k, rate in enumerate(rates))
         self.shared_attn = TransformerBlock(D, cfg.attn_heads, mlp="geglu")
-        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels)
+        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -55,7 +55,8 @@ class DiMSUM(Backbone):
         self.zero_init_head()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity for latents ``x`` (B, C, H, W), times ``t`` (B,) in [0, 1], labels ``y`` (B,) or None."""
+        """Prediction (B, out_channels, H, W) for latents ``x`` (B, C, H, W), times ``t`` (B,) in [0, 1],
+        labels ``y`` (B,) or None."""
         hidden, c = self.embed(x, t, y)
         residual = None
         for k, block in enumerate(self.blocks, start=1):

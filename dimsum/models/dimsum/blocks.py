@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimsum.layers import GEGLU, DropPath, ada_modulation, modulate
-from dimsum.mamba import Mamba
-from dimsum.registry import ModelConfig
-from dimsum.scan_orders import scan_indices
-from dimsum.wavelet import HaarPacketTokens
+from dimsum.models.dimsum.config import DiMSUMConfig
+from dimsum.models.dimsum.wavelet import HaarPacketTokens
+from dimsum.nn.layers import GEGLU, DropPath, ada_modulation, modulate
+from dimsum.ssm.mamba import Mamba
+from dimsum.ssm.scan_orders import scan_indices
 
 
 def _grid(tokens: torch.Tensor) -> int:
@@ -30,7 +30,7 @@ def _grid(tokens: torch.Tensor) -> int:
 class GatedMambaBranch(nn.Module):
     """adaLN-modulated Mamba with a gated residual, run in a block-specific scan order."""
 
-    def __init__(self, cfg: ModelConfig, block: int, order: str) -> None:
+    def __init__(self, cfg: DiMSUMConfig, block: int, order: str) -> None:
         super().__init__()
         self.block, self.order = block, order
         dim = cfg.hidden_size // 2
@@ -53,7 +53,7 @@ class GatedMambaBranch(nn.Module):
 class SpatialBranch(GatedMambaBranch):
     """Mamba over the spatial tokens in the configured order ("sweep-4" by default)."""
 
-    def __init__(self, cfg: ModelConfig, block: int) -> None:
+    def __init__(self, cfg: DiMSUMConfig, block: int) -> None:
         super().__init__(cfg, block, cfg.scan_order)
         if cfg.scan_order == "bi":  # Vim-style: a second Mamba, with its own weights, reads backwards
             self.mixer_reverse = Mamba(cfg.hidden_size // 2, cfg.hidden_size, cond_mode=cfg.cond_mamba,
@@ -72,7 +72,7 @@ class SpatialBranch(GatedMambaBranch):
 class FrequencyBranch(GatedMambaBranch):
     """Mamba over two-level Haar-packet tokens, window-scanned (window = one subband in the paper layout)."""
 
-    def __init__(self, cfg: ModelConfig, block: int) -> None:
+    def __init__(self, cfg: DiMSUMConfig, block: int) -> None:
         super().__init__(cfg, block, "frequency")
         self.wavelet = HaarPacketTokens(cfg.wavelet_layout)
 
@@ -109,7 +109,7 @@ class DiMBlock(nn.Module):
     ``drop_path`` applies to the previous block's output as it joins the residual (the released shift).
     """
 
-    def __init__(self, cfg: ModelConfig, block: int, drop_path: float) -> None:
+    def __init__(self, cfg: DiMSUMConfig, block: int, drop_path: float) -> None:
         super().__init__()
         D = cfg.hidden_size
         self.drop_path = DropPath(drop_path)

@@ -1,8 +1,9 @@
 """What DiMSUM and the DiT baseline share: the embeddings in front, the adaLN head behind.
 
-Both networks map (x, t, y) to a velocity with the same shape as x, where t in [0, 1] (t=1 is data) and
-y is a class index (or None for the unconditional row / the null row). Subclasses build their trunk and
-then ``self.final_layer`` (after the trunk, so state dicts list modules in the released order).
+Both networks map (x, t, y) to ``out_channels`` maps of x's size (the objective's prediction: a velocity
+for flow matching), where t in [0, 1] (t=1 is data) and y is a class index (or None for the
+unconditional row / the null row). Subclasses build their trunk and then ``self.final_layer`` (after the
+trunk, so state dicts list modules in the released order).
 """
 
 from __future__ import annotations
@@ -10,17 +11,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dimsum.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
-from dimsum.layers import FinalLayer
-from dimsum.registry import ModelConfig
+from dimsum.models.config import ModelConfig
+from dimsum.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from dimsum.nn.layers import FinalLayer
 
 
-class Backbone(nn.Module):
+class PatchNet(nn.Module):
     final_layer: FinalLayer
 
-    def __init__(self, cfg: ModelConfig, learnable_pos_embed: bool) -> None:
+    def __init__(self, cfg: ModelConfig, out_channels: int, learnable_pos_embed: bool) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.out_channels = cfg, out_channels
         D = cfg.hidden_size
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size**2, D), requires_grad=learnable_pos_embed)
         self.x_embedder = PatchEmbed(cfg.in_channels, D, cfg.patch_size)
@@ -62,8 +63,8 @@ class Backbone(nn.Module):
         return tokens, c
 
     def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Final adaLN layer, then unpatchify (B, T, p*p*C) -> (B, C, H, W)."""
+        """Final adaLN layer, then unpatchify (B, T, p*p*C) -> (B, C, H, W), C = ``out_channels``."""
         x = self.final_layer(x, c)
-        B, p, C, n = x.shape[0], self.cfg.patch_size, self.cfg.in_channels, self.cfg.grid_size
+        B, p, C, n = x.shape[0], self.cfg.patch_size, self.out_channels, self.cfg.grid_size
         x = x.reshape(B, n, n, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, n * p, n * p)

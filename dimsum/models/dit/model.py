@@ -1,8 +1,9 @@
 """DiT baseline (Peebles & Xie, 2023) in the DiMSUM framework: same embeddings, head, signature and objective.
 
 Standard DiT: adaLN-Zero transformer blocks, a frozen sin-cos position table, xavier-uniform Linear
-weights. It predicts the velocity (in_channels outputs, as SiT), not DiT's learned-sigma epsilon, so its
-final Linear is half as wide as DiT's (DiT-XL/2: 675,129,632 - 18,448 = 675,111,184 parameters).
+weights. Under flow matching it predicts the velocity (in_channels outputs, as SiT), not DiT's
+learned-sigma epsilon, so its final Linear is half as wide as DiT's (DiT-XL/2: 675,129,632 - 18,448 =
+675,111,184 parameters).
 """
 
 from __future__ import annotations
@@ -10,19 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dimsum.backbone import Backbone
-from dimsum.layers import FinalLayer, TransformerBlock
-from dimsum.registry import ModelConfig
+from dimsum.models.config import ModelConfig
+from dimsum.nn.layers import FinalLayer, TransformerBlock
+from dimsum.nn.patch_net import PatchNet
 
 
-class DiT(Backbone):
-    def __init__(self, cfg: ModelConfig) -> None:
+class DiT(PatchNet):
+    def __init__(self, cfg: ModelConfig, out_channels: int) -> None:
         if cfg.family != "dit":
             raise ValueError(f"{cfg.name}: DiT needs family='dit', got {cfg.family!r}")
-        super().__init__(cfg, learnable_pos_embed=False)
+        super().__init__(cfg, out_channels, learnable_pos_embed=False)
         D = cfg.hidden_size
         self.blocks = nn.ModuleList(TransformerBlock(D, cfg.attn_heads) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.in_channels)
+        self.final_layer = FinalLayer(D, cfg.patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -38,7 +39,8 @@ class DiT(Backbone):
         self.zero_init_head()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity for latents ``x`` (B, C, H, W), times ``t`` (B,) in [0, 1], labels ``y`` (B,) or None."""
+        """Prediction (B, out_channels, H, W) for latents ``x`` (B, C, H, W), times ``t`` (B,) in [0, 1],
+        labels ``y`` (B,) or None."""
         hidden, c = self.embed(x, t, y)
         for block in self.blocks:
             hidden = block(hidden, c)

@@ -1,0 +1,40 @@
+"""How to sample (:class:`SamplerConfig`) and the table of solvers it names (filled by dimsum.sampling)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+from torch import Tensor
+
+from dimsum.config import Config
+from dimsum.diffusion.objective import ModelFn, Objective
+
+
+@dataclasses.dataclass
+class SamplerConfig(Config):
+    """How to integrate. ``steps`` is for euler/heun/sde; ``atol``/``rtol`` for dopri5.
+
+    ``path`` only matters for the SDE sampler (its drift depends on the path the model was trained on);
+    ``diffusion_norm`` scales the SDE's noise (0 turns it into the Euler ODE sampler).
+    """
+
+    method: str = "dopri5"
+    steps: int = 50
+    atol: float = 1e-6
+    rtol: float = 1e-3
+    path: Literal["GVP", "Linear"] = "GVP"
+    diffusion_norm: float = 1.0
+
+    def validate(self) -> None:
+        self.check(self.method in SAMPLERS, "method", "expected one of " + ", ".join(map(repr, SAMPLERS)))
+        self.check(self.steps > 0, "steps", "expected a positive integer")
+        self.check(self.atol > 0, "atol", "expected > 0")
+        self.check(self.rtol > 0, "rtol", "expected > 0")
+        self.check(self.diffusion_norm >= 0, "diffusion_norm", "expected >= 0")
+
+
+# (cfg, objective, model_fn, x0, noise) -> x1: integrate from noise at t = 0 to a sample at t = 1.
+Solver = Callable[[SamplerConfig, Objective, ModelFn, Tensor, Callable[[], Tensor]], Tensor]
+SAMPLERS: dict[str, Solver] = {}

@@ -12,6 +12,11 @@ delta_bias and a random h0. The load average is printed because the machine may 
     python benchmarks/scan.py            # B=2, D=1024, L=256, N=16 (goal: >= 5x vs ref-form, err <= 1e-5)
     python benchmarks/scan.py --quick    # tiny smoke run
     python benchmarks/scan.py --block-elements 262144 524288 1048576   # sweep the torch backend's block size
+    python benchmarks/scan.py --one-state  # LaMamba's SS2D call: d_state 1, B/C grouped by 4 directions
+
+``--one-state`` times that call through the torch backend with its d_state = 1 fast path (the state
+contractions as products) against the same backend with the general (L, B, d, N) x (L, B, N) matmul
+contraction, in the same run.
 """
 
 from __future__ import annotations
@@ -88,6 +93,51 @@ def max_errors(result, reference) -> tuple[float, float]:
     return y_err, g_err
 
 
+def grouped_one_state_inputs(batch: int, groups: int, dim: int, length: int) -> dict[str, torch.Tensor]:
+    """SS2D's call: groups * dim channels, one state, B and C (batch, groups, 1, length)."""
+    inputs = make_inputs(batch, groups * dim, length, 1)
+    g = torch.Generator().manual_seed(2)
+    del inputs["h0"], inputs["z"]  # SS2D gates after the merge, and starts from zero
+    inputs["B"], inputs["C"] = (torch.randn(batch, groups, 1, length, generator=g) for _ in range(2))
+    return inputs
+
+
+def matmul_state_dot(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (h @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def with_state_dot(state_dot, **kwargs) -> torch.Tensor:
+    """The torch backend with another state contraction (kept until the next call, so backward uses it)."""
+    scan._state_dot = state_dot
+    return selective_scan(**kwargs, backend="torch")
+
+
+def one_state_main(args: argparse.Namespace) -> None:
+    batch, groups, dim, length = (2, 4, 32, 64) if args.quick else (2, 4, 640, 1024)  # XL stage 0 at 256 px
+    repeats = 3 if args.quick else args.repeats
+    inputs = grouped_one_state_inputs(batch, groups, dim, length)
+    grad_out = torch.randn(batch, groups * dim, length, generator=torch.Generator().manual_seed(1))
+    candidates = {"fast path": functools.partial(with_state_dot, scan._state_dot),
+                  "general": functools.partial(with_state_dot, matmul_state_dot)}
+    print(f"B={batch} G={groups} D={groups * dim} L={length} N=1 fp32, torch {torch.__version__}, "
+          f"threads={torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+    leaves = as_leaves(inputs, torch.float32)
+    results = {name: forward_backward(fn, leaves, grad_out) for name, fn in candidates.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            forward_backward(fn, leaves, grad_out)
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name, m in median.items():
+        y_err, g_err = max_errors(results[name], results["general"])
+        print(f"{name:>10}: fwd+bwd {m * 1e3:8.1f} ms   vs general: max|dy| {y_err:.1e}, "
+              f"max rel grad {g_err:.1e}")
+    print(f"speed-up fast path vs general: {median['general'] / median['fast path']:.2f}x")
+    print(f"load average after the run {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +145,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--block-elements", type=int, nargs="+", default=[],
                         help="time the torch backend with these CPU_BLOCK_ELEMENTS values too")
+    parser.add_argument("--one-state", action="store_true",
+                        help="d_state 1 with grouped B/C (LaMamba's SS2D): fast path vs general path")
     args = parser.parse_args()
+    if args.one_state:
+        one_state_main(args)
+        return
     batch, dim, length, state = (2, 64, 64, 16) if args.quick else (2, 1024, 256, 16)
     repeats = 3 if args.quick else args.repeats
 

@@ -198,12 +198,12 @@ def test_guidance_combines_only_the_channels_the_objective_names(toy) -> None:
 
 def test_flow_objective_predicts_a_fully_guided_velocity() -> None:
     flow = build_objective("flow", path="Linear")
-    assert isinstance(flow, Transport) and list(OBJECTIVES) == ["flow"]
+    assert isinstance(flow, Transport) and list(OBJECTIVES) == ["flow", "ddpm"]
     assert (flow.out_channels(4), flow.guided_channels(4)) == (4, 4)
     v, x, t = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.rand(2)
     assert flow.velocity(v, x, t) is v
-    with pytest.raises(ValueError, match="objective kind: got 'ddpm'; expected one of flow"):
-        build_objective("ddpm")
+    with pytest.raises(ValueError, match="objective kind: got 'edm'; expected one of flow, ddpm"):
+        build_objective("edm")
 
 
 class HalfVelocity:

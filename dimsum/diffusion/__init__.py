@@ -1,22 +1,24 @@
 """Training objectives behind one registry: ``OBJECTIVES[kind](**options)`` returns an :class:`Objective`.
 
-How to add an objective (say ``ddpm``): write ``dimsum/diffusion/ddpm.py`` with a class implementing
-:class:`Objective` (``out_channels`` 2C for learned sigma, ``guided_channels`` C for eps, ``loss``
-returning the per-sample mse + vb) and, when its samples come from its own chain, a solver
-``(cfg, objective, model_fn, x0, noise) -> x1`` for :data:`dimsum.sampling.SAMPLERS`; then add it to
-``OBJECTIVES`` below (and its solver to ``SAMPLERS``).
+``flow``: flow matching (:class:`Transport`, options ``path``, ``time_sampling``), sampled by the ODE/SDE
+solvers. ``ddpm``: Gaussian diffusion with learned sigma (:class:`GaussianDiffusion`, option
+``timesteps``), sampled by its own ``ddpm``/``ddim`` chains. How to add an objective: a module here with
+a class implementing :class:`Objective` and, when its samples come from its own chain, a solver
+``(cfg, objective, model_fn, x0, noise) -> x1`` for :data:`dimsum.sampling.SAMPLERS`; then one line in
+``OBJECTIVES`` below (and its solver in ``SAMPLERS``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from dimsum.diffusion.ddpm import GaussianDiffusion
 from dimsum.diffusion.flow import Transport
 from dimsum.diffusion.objective import ModelFn, Objective
 
-OBJECTIVES: dict[str, type] = {"flow": Transport}
+OBJECTIVES: dict[str, type] = {"flow": Transport, "ddpm": GaussianDiffusion}
 
-__all__ = ["OBJECTIVES", "ModelFn", "Objective", "Transport", "build_objective"]
+__all__ = ["OBJECTIVES", "GaussianDiffusion", "ModelFn", "Objective", "Transport", "build_objective"]
 
 
 def build_objective(kind: str, **options: Any) -> Objective:

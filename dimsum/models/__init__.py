@@ -28,8 +28,9 @@ from dimsum.models.config import (
 )
 from dimsum.models.dimsum import FAMILY as DIMSUM
 from dimsum.models.dit import FAMILY as DIT
+from dimsum.models.lamamba import FAMILY as LAMAMBA
 
-for _family in (DIMSUM, DIT):
+for _family in (DIMSUM, DIT, LAMAMBA):
     register_family(_family)
 
 __all__ = ["FAMILIES", "REGISTRY", "FamilySpec", "ModelConfig", "build_model", "count_parameters",
@@ -39,8 +40,9 @@ __all__ = ["FAMILIES", "REGISTRY", "FamilySpec", "ModelConfig", "build_model", "
 def build_model(cfg: ModelConfig, out_channels: int | None = None) -> nn.Module:
     """Instantiate the network described by ``cfg`` (on the current default device).
 
-    ``out_channels`` is what the objective needs (``Objective.out_channels``); None means
-    ``cfg.in_channels``, the flow-matching velocity.
+    ``out_channels`` is what the objective needs (``Objective.out_channels``); None means the family's
+    default (``FamilySpec.default_out_channels``: ``cfg.in_channels``, the flow-matching velocity, except
+    LaMamba's learned sigma).
     """
     return family_spec(cfg.family).build(cfg, _out_channels(cfg, out_channels))
 
@@ -63,4 +65,6 @@ def forward_gmacs(cfg: ModelConfig, out_channels: int | None = None) -> float:
 
 
 def _out_channels(cfg: ModelConfig, out_channels: int | None) -> int:
-    return cfg.in_channels if out_channels is None else out_channels
+    if out_channels is None:
+        return family_spec(cfg.family).default_out_channels(cfg.in_channels)
+    return out_channels

@@ -12,6 +12,7 @@ whole architecture. YAML keys stay flat: ``model.scan_order`` is a field of the 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -82,7 +83,9 @@ class FamilySpec:
 
     ``build(cfg, out_channels)`` returns the network; ``forward_gmacs(cfg, out_channels)`` its analytic
     multiply-accumulates per image (see :mod:`dimsum.models.flops`); ``sizes`` are its named configs.
-    ``out_channels`` is what the objective asks for (``in_channels`` for flow matching).
+    ``out_channels`` is what the objective asks for (``in_channels`` for flow matching);
+    ``default_out_channels(in_channels)`` is the width without one: that of the family's released
+    models, which ``dimsum models`` counts.
     """
 
     name: str
@@ -90,6 +93,7 @@ class FamilySpec:
     build: Callable[[Any, int], nn.Module]
     forward_gmacs: Callable[[Any, int], float]
     sizes: tuple[ModelConfig, ...]
+    default_out_channels: Callable[[int], int] = operator.pos
 
 
 FAMILIES: dict[str, FamilySpec] = {}

@@ -37,6 +37,17 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return img.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)
 
 
+@torch.no_grad()
+def init_embedders(patch_conv: nn.Conv2d, t_embedder: TimestepEmbedder, y_embedder: LabelEmbedder) -> None:
+    """DiT's embedding init: the patch conv as a Linear (xavier, zero bias), N(0, 0.02) label table and
+    time-MLP weights (DiMSUM, DiT and LaMamba-Diff all use it)."""
+    nn.init.xavier_uniform_(patch_conv.weight.view(patch_conv.weight.shape[0], -1))
+    nn.init.zeros_(patch_conv.bias)
+    nn.init.normal_(y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(t_embedder.mlp[2].weight, std=0.02)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> tokens, row-major (timm's PatchEmbed without its options)."""
 
@@ -49,7 +60,8 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1], unscaled -> 256 sinusoidal features (cos half first, max period 1e4) -> MLP."""
+    """t as given (flow time in [0, 1]; LaMamba: the DDPM index 0..999) -> 256 sinusoidal features (cos half
+    first, max period 1e4) -> MLP."""
 
     def __init__(self, dim: int, frequencies: int = 256) -> None:
         super().__init__()
@@ -57,15 +69,18 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequencies, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     @staticmethod
-    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
         half = dim // 2
-        steps = torch.arange(half, dtype=torch.float32, device=t.device) / half
+        steps = torch.arange(half, dtype=dtype, device=t.device) / half
         freqs = torch.exp(-math.log(max_period) * steps)
-        args = t.float()[:, None] * freqs[None]
+        args = t.to(dtype)[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.sinusoidal(t, self.frequencies))
+        """Features in float32 (float64 for a float64 model: a DDPM index up to 999 needs the digits)."""
+        dtype = torch.promote_types(self.mlp[0].weight.dtype, torch.float32)
+        return self.mlp(self.sinusoidal(t, self.frequencies, dtype=dtype))
 
 
 class LabelEmbedder(nn.Module):

@@ -54,15 +54,16 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """DiT's MLP: Linear -> tanh-GELU -> Linear."""
+    """DiT's MLP: Linear -> tanh-GELU -> Linear (``gelu="none"``: the exact GELU, as LaMamba-Diff's)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, gelu: Literal["tanh", "none"] = "tanh") -> None:
         super().__init__()
+        self.gelu = gelu
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
 
 
 class GEGLU(nn.Module):

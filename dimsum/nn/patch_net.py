@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from dimsum.models.config import ModelConfig
-from dimsum.nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from dimsum.nn.embeddings import (
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    init_embedders,
+    sincos_pos_embed_2d,
+)
 from dimsum.nn.layers import FinalLayer
 
 
@@ -38,12 +44,7 @@ class PatchNet(nn.Module):
         pos = sincos_pos_embed_2d(self.cfg.hidden_size, self.cfg.grid_size)
         with torch.no_grad():
             self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        init_embedders(self.x_embedder.proj, self.t_embedder, self.y_embedder)
 
     def zero_init_head(self) -> None:
         """The output starts at zero: adaLN of the final layer and its Linear are zero."""

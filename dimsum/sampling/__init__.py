@@ -3,9 +3,9 @@
 ``SAMPLERS`` maps ``SamplerConfig.method`` to a solver ``(cfg, objective, model_fn, x0, noise) -> x1``.
 Every sampler counts its network evaluations (NFE), the cost that matters when comparing samplers. The
 state is integrated in the dtype of ``x0`` (fp32); only the network runs under bf16 autocast when asked
-(:func:`guided_prediction`). How to add a sampler: write its solver (a function in ``solvers.py``, or
-beside its objective in ``dimsum/diffusion/`` when only that objective can drive it) and add one line to
-the table below; ``SamplerConfig`` fields carry its settings.
+(:func:`guided_prediction`). How to add a sampler: write its solver (a function in ``solvers.py``, or a
+module of its own such as ``ddpm.py`` when only one objective can drive it) and add it to the table
+below; ``SamplerConfig`` fields carry its settings.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from torch import Tensor
 from dimsum.diffusion import Objective, Transport
 from dimsum.diffusion.objective import ModelFn
 from dimsum.sampling.config import SAMPLERS, SamplerConfig, Solver
+from dimsum.sampling.ddpm import ddim, ddpm
 from dimsum.sampling.guidance import cfg_combine, guided_prediction
 from dimsum.sampling.solvers import euler_maruyama, ode
 
-SAMPLERS.update({"dopri5": ode, "euler": ode, "heun": ode, "sde": euler_maruyama})
+SAMPLERS.update({"dopri5": ode, "euler": ode, "heun": ode, "sde": euler_maruyama, "ddpm": ddpm, "ddim": ddim})
 
 __all__ = ["SAMPLERS", "Sampler", "SamplerConfig", "Solver", "cfg_combine", "guided_prediction"]
 

@@ -14,10 +14,13 @@ from dimsum.diffusion.objective import ModelFn, Objective
 
 @dataclasses.dataclass
 class SamplerConfig(Config):
-    """How to integrate. ``steps`` is for euler/heun/sde; ``atol``/``rtol`` for dopri5.
+    """How to integrate. ``steps`` is for euler/heun/sde, and the respaced chain length of ddpm/ddim
+    (250 in the DiT and LaMamba-Diff releases); ``atol``/``rtol`` for dopri5.
 
     ``path`` only matters for the SDE sampler (its drift depends on the path the model was trained on);
-    ``diffusion_norm`` scales the SDE's noise (0 turns it into the Euler ODE sampler).
+    ``diffusion_norm`` scales the SDE's noise (0 turns it into the Euler ODE sampler). ``eta`` is DDIM's
+    noise (0: deterministic, 1: the ancestral posterior variance); ``progress`` shows a per-step bar
+    (ddpm/ddim).
     """
 
     method: str = "dopri5"
@@ -26,6 +29,8 @@ class SamplerConfig(Config):
     rtol: float = 1e-3
     path: Literal["GVP", "Linear"] = "GVP"
     diffusion_norm: float = 1.0
+    eta: float = 0.0
+    progress: bool = False
 
     def validate(self) -> None:
         self.check(self.method in SAMPLERS, "method", "expected one of " + ", ".join(map(repr, SAMPLERS)))
@@ -33,6 +38,7 @@ class SamplerConfig(Config):
         self.check(self.atol > 0, "atol", "expected > 0")
         self.check(self.rtol > 0, "rtol", "expected > 0")
         self.check(self.diffusion_norm >= 0, "diffusion_norm", "expected >= 0")
+        self.check(0 <= self.eta <= 1, "eta", "expected 0 <= eta <= 1")
 
 
 # (cfg, objective, model_fn, x0, noise) -> x1: integrate from noise at t = 0 to a sample at t = 1.

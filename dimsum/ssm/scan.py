@@ -1,6 +1,8 @@
 """Mamba-1 selective scan and causal depthwise conv behind one interface, with two backends.
 
 Shapes follow mamba-ssm: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D (D,); h0 (B, D, N).
+B and C may also be grouped, (B, G, N, L) with G dividing D: channel d reads group d // (D / G), as in
+mamba-ssm's kernel (VMamba's SS2D scans its 4 directions as 4 groups in one call).
 The recurrence (per channel d and state n), started from h_{-1} = h0 (zeros if None):
 
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,    y_t = C_t . h_t + D * u_t,    y *= silu(z)
@@ -59,6 +61,11 @@ def _skip_and_gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> 
     return y
 
 
+def _per_channel(t: Tensor, channels: int) -> Tensor:
+    """B or C as (B, D, N, L) for grouped (B, G, N, L) input, (B, 1, N, L) for shared (B, N, L) input."""
+    return t.unsqueeze(1) if t.dim() == 3 else t.repeat_interleave(channels // t.shape[1], dim=1)
+
+
 def sequential_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
                     z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                     h0: Tensor | None = None) -> Tensor:
@@ -66,13 +73,14 @@ def sequential_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *
     exp(delta A) for all steps up front; doing it per step keeps this loop's autograd graph small and fast."""
     dtype = _compute_dtype(u)
     delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    A, B, C, x = A.to(dtype), B.to(dtype), C.to(dtype), u.to(dtype)
+    A, x = A.to(dtype), u.to(dtype)
+    B, C = (_per_channel(t.to(dtype), x.shape[1]) for t in (B, C))  # (B, D or 1, N, L)
     h = x.new_zeros(*x.shape[:2], A.shape[1]) if h0 is None else h0.to(dtype)
     ys = []
     for t in range(x.shape[-1]):
         dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * x[:, :, t, None]
-        ys.append((h * C[:, None, :, t]).sum(-1))
+        h = torch.exp(dt * A) * h + dt * B[..., t] * x[:, :, t, None]
+        ys.append((h * C[..., t]).sum(-1))
     return _skip_and_gate(torch.stack(ys, dim=-1), x, D, z).to(u.dtype)
 
 
@@ -195,6 +203,14 @@ def _discretize(x: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, h0: Tensor | No
         b[0].addcmul_(a[0], h0)
 
 
+def _state_dot(h: Tensor, v: Tensor) -> Tensor:
+    """sum_n h[..., n] v[..., n]: (L, B, d, N) with (L, B, N) -> (L, B, d). With one state (LaMamba's
+    d_state 1) a product, which is ~30x faster than the matmul of a (d, 1) by a (1, 1) matrix on CPU."""
+    if h.shape[-1] == 1:
+        return h[..., 0] * v
+    return (h @ v.unsqueeze(-1)).squeeze(-1)
+
+
 def _blocks(x: Tensor, state: int, per_channel: tuple[Tensor, ...], h0: Tensor | None,
             work: int) -> Iterator[tuple[slice, tuple[Tensor, ...], Tensor | None, tuple[Tensor, ...]]]:
     """Walk over channel blocks whose (L, B, d, N) tensors stay cache-sized; per block yield its slice, the
@@ -232,7 +248,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         for s, (xs, ds), h0s, (a, h) in _blocks(x, A.shape[1], (x, delta), h0, work=2):
             _discretize(xs, ds, A[s], Bt, h0s, a=a, b=h)
             _odd_even_scan_(a, h)
-            y[:, :, s] = (h @ Ct.unsqueeze(-1)).squeeze(-1)
+            y[:, :, s] = _state_dot(h, Ct)
         return y
 
     @staticmethod
@@ -256,7 +272,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 # the g_t = dy_t C_t part of both contractions factorises, so lam is never formed.
                 delta_x = ds * xs
                 d_delta_x = dys * c_dot_b
-                d_delta_x[:-1].add_((mu[1:] @ Bt[:-1].unsqueeze(-1)).squeeze(-1))
+                d_delta_x[:-1].add_(_state_dot(mu[1:], Bt[:-1]))
                 dBt.addcmul_(Ct, (delta_x * dys).sum(-1, keepdim=True))
                 dBt[:-1].add_((delta_x[:-1].unsqueeze(-2) @ mu[1:]).squeeze(-2))
                 d_log_a = mu  # dLoss/d(delta_t A) = dLoss/da_t a_t = mu_t h_{t-1}
@@ -268,6 +284,22 @@ class _SelectiveScanFn(torch.autograd.Function):
         return dx, ddelta, dA, dBt, dCt, dh0
 
 
+def _time_major(t: Tensor) -> Tensor:
+    return t.permute(2, 0, 1).contiguous()
+
+
+def _scan_groups(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, h0: Tensor | None) -> Tensor:
+    """C_t . h_t (B, D, L); grouped B/C run one scan per group of D / G channels."""
+    if B.dim() == 3:
+        y = _SelectiveScanFn.apply(_time_major(x), _time_major(delta), A, _time_major(B), _time_major(C), h0)
+        return y.permute(1, 2, 0)
+    size = x.shape[1] // B.shape[1]
+    groups = [slice(i, i + size) for i in range(0, x.shape[1], size)]
+    ys = [_SelectiveScanFn.apply(_time_major(x[:, s]), _time_major(delta[:, s]), A[s], _time_major(B[:, g]),
+                                 _time_major(C[:, g]), None) for g, s in enumerate(groups)]
+    return torch.cat(ys, dim=-1).permute(1, 2, 0)
+
+
 def _torch_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None,
                 z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
                 h0: Tensor | None) -> Tensor:
@@ -275,13 +307,9 @@ def _torch_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D:
     with torch.autocast(u.device.type, enabled=False):
         delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
         x = u.to(dtype)
-
-        def time_major(t: Tensor) -> Tensor:
-            return t.to(dtype).permute(2, 0, 1).contiguous()
-
-        y = _SelectiveScanFn.apply(time_major(x), time_major(delta), A.to(dtype), time_major(B),
-                                   time_major(C), None if h0 is None else h0.to(dtype))
-        return _skip_and_gate(y.permute(1, 2, 0), x, D, z).to(u.dtype).contiguous()
+        y = _scan_groups(x, delta, A.to(dtype), B.to(dtype), C.to(dtype),
+                         h0=None if h0 is None else h0.to(dtype))
+        return _skip_and_gate(y, x, D, z).to(u.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------- cuda backend
@@ -395,11 +423,22 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    h0: Tensor | None = None, backend: str = "auto") -> Tensor:
     """Mamba-1 selective scan started from ``h0``; returns y (B, D, L) in u's dtype (see module docstring)."""
+    _check_groups(u, B, C, h0)
     options = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, h0=h0)
     if _resolve_backend(backend, u) == "cuda":
         kernel = _cuda_kernels().selective_scan_fn
         return scan_with_zero_state_kernel(u, delta, A, B, C, kernel=kernel, **options)
     return _torch_scan(u, delta, A, B, C, **options)
+
+
+def _check_groups(u: Tensor, B: Tensor, C: Tensor, h0: Tensor | None) -> None:
+    if B.dim() != C.dim() or B.dim() not in (3, 4) or (B.dim() == 4 and B.shape[1] != C.shape[1]):
+        raise ValueError(f"B {tuple(B.shape)} and C {tuple(C.shape)}: expected both (B, N, L) or both "
+                         f"(B, G, N, L) with the same G")
+    if B.dim() == 4 and u.shape[1] % B.shape[1]:
+        raise ValueError(f"{B.shape[1]} groups of B/C do not divide the {u.shape[1]} channels of u")
+    if B.dim() == 4 and h0 is not None:  # the cuda path's closed-form h0 term takes shared C only
+        raise ValueError("grouped B/C with an initial state h0 is not supported")
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,

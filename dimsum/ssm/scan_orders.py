@@ -114,3 +114,35 @@ def scan_indices(order: str, block: int, n: int, device: torch.device) -> tuple[
     inverse[path] = np.arange(path.size)
     # from_numpy is not redirected by a default-device context (e.g. meta), so .to() decides the device.
     return torch.from_numpy(path).to(device), torch.from_numpy(inverse).to(device)
+
+
+def snake_cross_scan_paths(n: int) -> np.ndarray:
+    """LaMamba's continuous cross-scan of an n x n map (spec §5.1): (4, n*n) raster indices, row k the
+    pixels that direction k visits in order.
+
+    Step s = a*n + b runs along b within line a, reversing on odd lines (b* = n-1-b), so consecutive steps
+    are always neighbours: 0 row-wise from the top-left, 1 row-wise from the bottom-left, 2 column-wise
+    from the bottom-left, 3 column-wise from the bottom-right (columns read bottom to top first). For
+    even n, direction 1 is direction 0 reversed and 3 is 2 reversed.
+    """
+    a, b = np.divmod(np.arange(n * n), n)
+    b_snake = np.where(a % 2 == 0, b, n - 1 - b)
+    rows = (a, n - 1 - a, n - 1 - b_snake, n - 1 - b_snake)
+    cols = (b_snake, b_snake, a, n - 1 - a)
+    return np.stack([r * n + c for r, c in zip(rows, cols, strict=True)])
+
+
+@functools.lru_cache(maxsize=64)
+def snake_cross_scan_indices(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gather, merge)`` flat index tensors for the 4-direction snake scan of an ``n`` x ``n`` map.
+
+    ``x.index_select(-1, gather)`` on raster tokens (..., n*n) gives the four scans side by side (..., 4*n*n);
+    ``y.index_select(-1, merge)`` on scanned outputs laid out the same way gives, per direction, its
+    output back at raster positions (..., 4*n*n).
+    """
+    paths = snake_cross_scan_paths(n)
+    inverse = np.empty_like(paths)
+    np.put_along_axis(inverse, paths, np.arange(n * n)[None].repeat(4, 0), axis=1)
+    offsets = np.arange(4)[:, None] * n * n
+    return (torch.from_numpy(paths.reshape(-1)).to(device),
+            torch.from_numpy((inverse + offsets).reshape(-1)).to(device))

@@ -96,7 +96,7 @@ def saved_activation_bytes(name: str, batch: int, backend: str, image_size: int 
 
 def activation_report(name: str, image_size: int = 256, backends: tuple[str, ...] = ("torch", "cuda"),
                       precision: str = "bf16") -> None:
-    """Per-image activations = saved(2) - saved(1); the rest (bf16 weight copies) is per step."""
+    """Per-image activations = saved(2) - saved(1); the rest (weight copies or views) is per step."""
     per_image = {}
     for backend in backends:
         one = saved_activation_bytes(name, 1, backend, image_size, precision)
@@ -104,8 +104,8 @@ def activation_report(name: str, image_size: int = 256, backends: tuple[str, ...
         per_image[backend], fixed = two - one, 2 * one - two
         print(f"{name} at {image_size} px, {precision}, {backend} scan: "
               f"{per_image[backend] / 2**30:.3f} GiB saved activations per image, "
-              f"+ {fixed / 2**30:.3f} GiB per step independent of the batch "
-              f"(autocast's bf16 weight casts)", flush=True)
+              f"+ {fixed / 2**30:.3f} GiB per step independent of the batch (bf16 weight casts under "
+              f"autocast; in fp32, views of the weights: model state, not extra memory)", flush=True)
     if len(per_image) == 2:
         print(f"cuda / torch: {per_image['cuda'] / per_image['torch']:.3f}x")
 

@@ -3,7 +3,7 @@
 The file reading lives here, not in ``dimsum/``, so the model library has no I/O. Files are unpickled with
 ``torch.load(weights_only=True)`` only: the released training dicts hold non-tensor entries (DiMSUM and
 LaMamba-Diff an ``argparse.Namespace`` under ``args``, LaMamba-Diff a yacs ``CfgNode`` under ``config``),
-so exactly those classes are allowed, the CfgNode as a plain-dict stand-in. Anything else in the pickle
+so exactly those classes are allowed, the CfgNode through an OrderedDict stand-in. Anything else in the pickle
 (a planted ``os.system`` call, say) is refused before it runs.
 """
 
@@ -28,7 +28,7 @@ class ReleasedConfigNode:
     its keys and values as items, yacs's bookkeeping attributes in ``__dict__``. yacs is never imported.
     """
 
-    def __new__(cls, *args: Any) -> OrderedDict:  # type: ignore[misc]
+    def __new__(cls, *args: Any) -> OrderedDict:
         return OrderedDict()
 
 

@@ -15,10 +15,13 @@ times is printed (goal <= 1.15x). Then a checkpoint save is timed and printed as
     python benchmarks/trainer.py --quick    # smoke run
 
 ``--activation-memory DiMSUM-XL/2`` instead measures what a training step must keep for backward: the
-bytes of every tensor autograd saves during one bf16-autocast forward of one 256 px image (4x32x32
-latent), deduplicated by storage. It sizes the per-GPU batch in configs/imagenet_*.yaml. It measures both
-scan backends: "torch", and "cuda" as the GPU runs it (zero-state kernel + the h0 term) with the torch
-zero-state scan standing in for the compiled kernel, whose saved inputs have the same (B, D, L) sizes.
+bytes of every tensor autograd saves during one bf16-autocast forward of one image (a 4x32x32 latent at
+the default ``--image-size 256``), deduplicated by storage. It sizes the per-GPU batch in
+configs/imagenet_*.yaml. It measures both scan backends: "torch", and "cuda" as the GPU runs it
+(zero-state kernel + the h0 term) with the torch zero-state scan standing in for the compiled kernel,
+whose saved inputs have the same (B, D, L) sizes. Any registry size works (``LaMamba-Diff-XL
+--image-size 512``); ``--backends torch`` skips the emulated cuda path; ``--precision fp32`` measures
+a forward without autocast (the released LaMamba-Diff recipe's precision).
 """
 
 from __future__ import annotations
@@ -65,13 +68,17 @@ def bare_loop(cfg, batches: list[tuple[torch.Tensor, torch.Tensor]]):
     return step
 
 
-def saved_activation_bytes(name: str, batch: int, backend: str) -> int:
-    """Bytes autograd saves for backward in one bf16-autocast forward of ``batch`` 256 px images, with the
-    scan ``backend`` ("torch", or "cuda" emulated on CPU)."""
-    cfg = load_config(None, [f"model.name={name}", "model.input_size=32", "model.num_classes=1000"]).model
+def saved_activation_bytes(name: str, batch: int, backend: str, image_size: int = 256,
+                           precision: str = "bf16") -> int:
+    """Bytes autograd saves for backward in one forward (bf16 autocast, or plain fp32) of ``batch``
+    images of ``image_size`` pixels (latents of side image_size / 8), with the scan ``backend``
+    ("torch", or "cuda" emulated on CPU)."""
+    side = image_size // 8
+    overrides = [f"model.name={name}", f"model.input_size={side}", "model.num_classes=1000"]
+    cfg = load_config(None, overrides).model
     torch.manual_seed(0)
     model = build_model(cfg)
-    x, t, y = torch.randn(batch, 4, 32, 32), torch.rand(batch), torch.arange(batch)
+    x, t, y = torch.randn(batch, cfg.in_channels, side, side), torch.rand(batch), torch.arange(batch)
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -82,21 +89,25 @@ def saved_activation_bytes(name: str, batch: int, backend: str) -> int:
 
     path = scan.emulated_kernels() if backend == "cuda" else contextlib.nullcontext()
     with path, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", torch.bfloat16):
+            torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
         model(x, t, y).float().pow(2).mean()
     return sum(storages.values())
 
 
-def activation_report(name: str) -> None:
-    """Per-image activations = saved(2) - saved(1); the rest (bf16 weight copies) is per step."""
+def activation_report(name: str, image_size: int = 256, backends: tuple[str, ...] = ("torch", "cuda"),
+                      precision: str = "bf16") -> None:
+    """Per-image activations = saved(2) - saved(1); the rest (weight copies or views) is per step."""
     per_image = {}
-    for backend in ("torch", "cuda"):
-        one, two = saved_activation_bytes(name, 1, backend), saved_activation_bytes(name, 2, backend)
+    for backend in backends:
+        one = saved_activation_bytes(name, 1, backend, image_size, precision)
+        two = saved_activation_bytes(name, 2, backend, image_size, precision)
         per_image[backend], fixed = two - one, 2 * one - two
-        print(f"{name} at 256 px, bf16 autocast, {backend} scan: {per_image[backend] / 2**30:.3f} GiB saved "
-              f"activations per image, + {fixed / 2**30:.3f} GiB per step independent of the batch "
-              f"(bf16 weight casts)")
-    print(f"cuda / torch: {per_image['cuda'] / per_image['torch']:.3f}x")
+        print(f"{name} at {image_size} px, {precision}, {backend} scan: "
+              f"{per_image[backend] / 2**30:.3f} GiB saved activations per image, "
+              f"+ {fixed / 2**30:.3f} GiB per step independent of the batch (bf16 weight casts under "
+              f"autocast; in fp32, views of the weights: model state, not extra memory)", flush=True)
+    if len(per_image) == 2:
+        print(f"cuda / torch: {per_image['cuda'] / per_image['torch']:.3f}x")
 
 
 def main() -> int:
@@ -107,9 +118,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--activation-memory", metavar="MODEL", help="measure activations per image instead")
+    parser.add_argument("--image-size", type=int, default=256, help="with --activation-memory: pixels")
+    parser.add_argument("--backends", default="torch,cuda", help="with --activation-memory: scan backends")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="with --activation-memory: bf16 autocast (our GPU default) or fp32 (released)")
     args = parser.parse_args()
     if args.activation_memory:
-        activation_report(args.activation_memory)
+        activation_report(args.activation_memory, args.image_size, tuple(args.backends.split(",")),
+                          args.precision)
         return 0
     if args.quick:
         args.block, args.rounds = 2, 2

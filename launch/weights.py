@@ -1,8 +1,9 @@
 """Build a ready-to-sample model from wherever its weights live.
 
 Three sources: an exported safetensors file (``dimsum export``; it carries its own ModelConfig in the
-metadata, so nothing has to be restated), a released DiMSUM checkpoint (converted to our names; the
-config is read off the tensor shapes, with the released behaviour switches), or a run directory.
+metadata, so nothing has to be restated), a released DiMSUM or LaMamba-Diff checkpoint (converted to our
+names; the config is read off the tensor shapes, with the released behaviour switches), or a run
+directory.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from dimsum.config import ConfigError
 from dimsum.errors import UserError
-from dimsum.models import ModelConfig, build_model
+from dimsum.models import REGISTRY, ModelConfig, build_model
 
 CONFIG_METADATA_KEY = "dimsum_model_config"
 
@@ -54,13 +55,23 @@ def load_exported(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 
 def load_released_checkpoint(path: str | Path, which: str = "ema", name: str | None = None,
                              overrides: Mapping[str, Any] | None = None) -> tuple[ModelConfig, dict]:
-    """(config, state dict) from a released checkpoint (``which``: "ema" or "raw"); ``name`` forces a size."""
+    """(config, state dict) from a released checkpoint (``which``: "ema" or "raw"); ``name`` forces a size.
+
+    The family, and with it the released format, is ``name``'s, or read off the key names without one
+    (DiMSUM sizes are then inferred from shapes; LaMamba-Diff is its one released size, XL).
+    """
     from dimsum.models.dimsum.released import config_from_state_dict, released_config
-    from launch.released import load_released
+    from dimsum.models.lamamba import released as lamamba_released
+    from launch.released import convert_released, read_released, released_family
 
     try:
-        state_dict = load_released(path, which="ema" if which == "ema" else "model")
+        released = read_released(path, which="ema" if which == "ema" else "model")
+        family = REGISTRY[name].family if name in REGISTRY else released_family(released)
+        state_dict = convert_released(released, family, path)
         overrides = dict(overrides or {})
+        if family == "lamamba":
+            size = name or "LaMamba-Diff-XL"
+            return lamamba_released.config_from_state_dict(state_dict, size, **overrides), state_dict
         if name is None:
             return config_from_state_dict(state_dict, **overrides), state_dict
         inferred = config_from_state_dict(state_dict)

@@ -1,18 +1,27 @@
-"""Every experiment recipe loads through ``dimsum config show`` and states model.md §8's numbers."""
+"""Every experiment recipe loads through ``dimsum config show`` and states model.md §8's (DiMSUM) and
+lamamba.md §13's (LaMamba-Diff) numbers."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dimsum.models import count_parameters
 from launch.cli import main
-from launch.config import load_config
+from launch.config import ExperimentConfig, compose_yaml, load_config
 from launch.engine import deepspeed_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml")
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+# The experiment config's objective and sample-grid sections come with branch i13b. Until it is merged,
+# recipes that use them cannot validate: their full load is xfail(strict), so the merge must drop this.
+PENDING_SECTIONS = ("objective", "grid")
+PENDING = pytest.mark.xfail(strict=True, reason="needs the objective:/grid: sections of branch i13b")
+RECIPES = [pytest.param(p, marks=PENDING) if set(PENDING_SECTIONS) & set(compose_yaml(p)) else p
+           for p in sorted(CONFIGS.glob("*.yaml")) if p.name != "base.yaml"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -51,3 +60,39 @@ def test_demo_runs_on_two_cpu_ranks_with_the_digits_model() -> None:
     assert cfg.train.device == "cpu" and cfg.deepspeed.zero_stage == 2
     assert (cfg.model.in_channels, cfg.model.input_size, cfg.model.num_classes) == (1, 16, 10)
     assert deepspeed_config(cfg, world_size=2)["train_micro_batch_size_per_gpu"] * 2 == cfg.train.global_batch
+
+
+def _without_pending(name: str) -> tuple[ExperimentConfig, dict]:
+    """(the recipe validated without the pending sections, the composed YAML with them)."""
+    data = compose_yaml(CONFIGS / f"{name}.yaml")
+    return ExperimentConfig.from_dict({k: v for k, v in data.items() if k not in PENDING_SECTIONS}), data
+
+
+@pytest.mark.parametrize("recipe", [("imagenet_lamamba_xl", 32, 32, 1, 652_484_648),
+                                    ("imagenet_lamamba_xl512", 64, 16, 2, 653_467_688)], ids=lambda r: r[0])
+def test_lamamba_recipes_state_the_released_set_up(recipe: tuple) -> None:
+    name, side, micro, accum, params = recipe
+    cfg, data = _without_pending(name)
+    m, t = cfg.model, cfg.train
+    assert (m.family, m.name, m.input_size, m.in_channels, m.num_classes, m.label_dropout) == \
+        ("lamamba", "LaMamba-Diff-XL", side, 4, 1000, 0.1)
+    assert count_parameters(m) == params
+    assert (t.global_batch, t.lr, t.weight_decay, t.warmup_steps, t.grad_clip, t.ema_decay) == \
+        (256, 1e-4, 0.01, 0, 0.0, 0.9999)
+    assert t.milestone_every == 50_000 and t.max_steps % 5004 == 0 and cfg.deepspeed.zero_stage == 2
+    ds = deepspeed_config(cfg, world_size=8)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (micro, accum)
+    assert ds["optimizer"]["type"] == "AdamW" and "scheduler" not in ds and ds["gradient_clipping"] == 0.0
+    assert {k: ds["optimizer"]["params"][k] for k in ("lr", "betas", "eps", "weight_decay")} == \
+        {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    assert data["objective"] == {"kind": "ddpm", "timesteps": 1000}
+    assert data["grid"]["cfg_scale"] == 4.0 and data["grid"]["sampler"] == {"method": "ddpm", "steps": 250}
+    assert data["grid"]["every"] % t.ckpt_every == 0
+
+
+def test_every_sbatch_launches_an_existing_recipe_through_common_sh() -> None:
+    for sbatch in sorted((REPO / "slurm").glob("*.sbatch")):
+        text = sbatch.read_text()
+        assert 'source "${DIMSUM_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh" || exit 2' in text, sbatch.name
+        recipe = re.search(r'^dimsum_launch "?(?:\$\{DIMSUM_RECIPE:-)?([^"}\s]+)', text, re.M)
+        assert recipe and (REPO / recipe[1]).is_file(), sbatch.name

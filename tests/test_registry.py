@@ -83,6 +83,7 @@ def test_models_command_prints_the_registry_counts(capsys: pytest.CaptureFixture
     assert cli_main(["models"]) == 0
     table = capsys.readouterr().out
     assert "459,916,304" in table and "DiMSUM-XL/2" in table
+    assert len({len(line) for line in table.splitlines()}) == 1  # columns aligned under the longest name
 
 
 def test_flops_reproduce_dits_published_numbers() -> None:

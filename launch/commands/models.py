@@ -31,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'model':<14}{'depth':>6}{'width':>7}{'patch':>6}{'params':>15}{'GMACs@256':>11}")
+    name_width = max(len(r["name"]) for r in rows) + 2
+    print(f"{'model':<{name_width}}{'depth':>6}{'width':>7}{'patch':>6}{'params':>15}{'GMACs@256':>11}")
     for r in rows:
-        print(f"{r['name']:<14}{r['depth']:>6}{r['hidden_size']:>7}{r['patch_size']:>6}"
+        print(f"{r['name']:<{name_width}}{r['depth']:>6}{r['hidden_size']:>7}{r['patch_size']:>6}"
               f"{r['params']:>15,}{r['gmacs_256px']:>11.2f}")
     return 0

@@ -187,7 +187,8 @@ def test_truncated_shard_raises_or_is_skipped(tmp_path: Path) -> None:
     kwargs = dict(batch_size=8, resampled=False, streams=2)
     with pytest.raises(ShardError, match=r"shard-000002.tar, key 000002-0000\d: truncated or corrupt tar"):
         take(tmp_path / "cut", 20, num_workers=2, **kwargs)
-    readable = verify_shard(tmp_path / "cut", {"name": path.name, "samples": 40, "sha256": ""}, (1, 4, 4), 10)
+    entry = {"name": path.name, "samples": 40, "sha256": ""}
+    readable = verify_shard(str(tmp_path / "cut" / path.name), entry, (1, 4, 4), 10)
     assert 0 < readable.samples < 40
     batches, loader = take(tmp_path / "cut", 20, num_workers=2, on_error="skip", **kwargs)
     assert loader.skipped == 40 - readable.samples and all(len(x) == 8 for x, _ in batches)

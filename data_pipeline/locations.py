@@ -40,11 +40,13 @@ from webdataset.tariterators import tar_file_iterator
 from data_pipeline.shards import (
     ManifestError,
     ShardError,
+    ShardWriter,
     check_manifest,
     file_sha256,
     group_blocks,
     iter_blocks,
     read_manifest,
+    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,49 @@ def resolve(shards: str, manifest: str = "") -> ShardSource:
         at = first.rfind(name)
         manifest = first[:at] + "manifest.json" + first[at + len(name):]
     return ShardSource(shards, manifest, specs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardDestination:
+    """``prepare --out``: a local folder (atomic renames), or a brace pattern / ``pipe:`` spec naming one
+    location per shard, written through ``webdataset.gopen(spec, "wb")``; the manifest goes next to the
+    first shard (as :func:`resolve` reads it), last."""
+
+    out: str
+    specs: tuple[str, ...] | None  # None: a local folder
+
+    @classmethod
+    def parse(cls, out: str) -> ShardDestination:
+        if not is_remote(out) and "{" not in out:
+            return cls(out, None)
+        return cls(out, tuple(expand_urls(out)))
+
+    @property
+    def folder(self) -> Path | None:
+        return None if self.specs is not None else _local_path(self.out)
+
+    def check_count(self, shards: int) -> None:
+        """A pattern must name exactly one location per shard."""
+        if self.specs is not None and len(self.specs) != shards:
+            raise ShardError(f"--out {self.out}: names {len(self.specs)} shard location(s) but the data "
+                             f"set has {shards} shards (e.g. shard-{{000000..{shards - 1:06d}}}.tar)")
+
+    def writer(self, index: int, block_size: int) -> ShardWriter:
+        if self.specs is None:
+            return ShardWriter(_local_path(self.out), index, block_size)
+        spec = self.specs[index]
+        return ShardWriter.streaming(gopen(spec, "wb"), spec_shard_name(spec, self.out), index, block_size)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> str:
+        """Write the manifest (the commit point of the data set); return where it went."""
+        if self.specs is None:
+            path = _local_path(self.out) / "manifest.json"
+            write_json_atomic(path, manifest)
+            return str(path)
+        location = resolve(self.out).manifest_location
+        with closing(gopen(location, "wb")) as stream:
+            stream.write(json.dumps(manifest, indent=1).encode())
+        return location
 
 
 class ShardReader:

@@ -112,14 +112,27 @@ class ShardWriter:
     """Writes one shard under a temporary name; :meth:`close` fsyncs and renames it into place.
 
     The rename is the commit point: a file with a final shard name is always complete, so an interrupted
-    writer leaves only a ``.tmp`` file, which the next attempt overwrites. Use as a context manager.
+    writer leaves only a ``.tmp`` file, which the next attempt overwrites. :meth:`streaming` writes to an
+    open stream instead (a ``pipe:`` upload); there the manifest, written last, is the commit point.
+    Use as a context manager.
     """
 
     def __init__(self, out_dir: Path, index: int, block_size: int) -> None:
-        self.index, self.block_size = index, block_size
-        self.path = Path(out_dir) / shard_name(index)
+        self.path: Path | None = Path(out_dir) / shard_name(index)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 -- closed in close()/__exit__
+        self._start(open(self.tmp, "wb"), self.path.name, index, block_size)  # noqa: SIM115 -- see close()
+
+    @classmethod
+    def streaming(cls, stream: BinaryIO, name: str, index: int, block_size: int) -> ShardWriter:
+        """A writer into ``stream`` (e.g. ``webdataset.gopen(spec, "wb")``), closed by :meth:`close`."""
+        writer = cls.__new__(cls)
+        writer.path = None
+        writer._start(stream, name, index, block_size)
+        return writer
+
+    def _start(self, file: BinaryIO, name: str, index: int, block_size: int) -> None:
+        self.name, self.index, self.block_size = name, index, block_size
+        self._file = file
         self._hashing = _HashingFile(self._file)
         # fixed mtime for reproducible bytes; an int, because a float adds a pax header to every member
         self._tar = TarWriter(self._hashing, encoder=False, mtime=0)
@@ -132,7 +145,8 @@ class ShardWriter:
     def __exit__(self, exc_type: type | None, *_: object) -> None:
         if exc_type is not None and not self._file.closed:
             self._file.close()
-            self.tmp.unlink(missing_ok=True)
+            if self.path is not None:
+                self.tmp.unlink(missing_ok=True)
 
     def add(self, latent: np.ndarray, latent_flip: np.ndarray, labels: np.ndarray, keys: list[str]) -> None:
         """Append rows (any number); full blocks are written as soon as they are complete."""
@@ -162,11 +176,13 @@ class ShardWriter:
         if self._pending:
             self._flush(sum(len(p[0]) for p in self._pending))
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
-        return {"name": self.path.name, "samples": self.samples, "blocks": self.blocks,
+        if self.path is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._file.close()  # a pipe: waits for the command and raises if it failed
+        if self.path is not None:
+            os.replace(self.tmp, self.path)
+        return {"name": self.name, "samples": self.samples, "blocks": self.blocks,
                 "bytes": self._hashing.size, "sha256": self._hashing.sha.hexdigest()}
 
 

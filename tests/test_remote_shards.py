@@ -104,3 +104,21 @@ def test_verify_streams_each_remote_shard_once_and_finds_a_changed_byte(digits_s
         (folder / "shard-000002.tar").write_bytes(data)
         text = ok(dimsum("data", "verify", f"pipe:curl -s -f {server.url}/{SHARDS}"), code=1)
         assert "shard-000002.tar: sha256" in text and "does not match the manifest" in text
+
+
+def test_prepare_to_a_pipe_then_verify_over_http(digits_shards: Path, tmp_path: Path) -> None:
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    text = ok(dimsum("prepare", "--demo", "digits", "--out", f"pipe:cat > {bucket}/{SHARDS}"))
+    assert f"to pipe:cat > {bucket}/{SHARDS}" in text
+    written = sorted(p.name for p in bucket.iterdir())
+    assert written == ["manifest.json", *(f"shard-00000{i}.tar" for i in range(4))]
+    for name in written:  # the same bytes as the folder writer's
+        assert (bucket / name).read_bytes() == (digits_shards / name).read_bytes(), name
+    with serve(bucket) as server:
+        text = ok(dimsum("data", "verify", f"{server.url}/{SHARDS}"))
+        assert "4 shards, 1797 samples" in text and "OK" in text
+    two = f"pipe:cat > {tmp_path}/x-{{0..1}}.tar"
+    wrong = ok(dimsum("prepare", "--demo", "digits", "--out", two), code=2)
+    assert "names 2 shard location(s) but the data set has 4 shards" in wrong
+    assert len(wrong.strip().splitlines()) == 1 and not list(tmp_path.glob("x-*"))

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from data_pipeline.locations import ShardDestination
 from data_pipeline.preprocess import DecodedImages, collate, encode_with_flip
 from data_pipeline.shards import new_manifest, shard_name, write_json_atomic
-from data_pipeline.sources import FolderSource, LMDBSource, SourceError, open_source
+from data_pipeline.sources import SOURCES, Source, SourceError, open_source
 from data_pipeline.vae import VAEError, load_vae
 from dimsum.errors import UserError
 
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="diffusers AutoencoderKL: local folder or hub id (stabilityai/sd-vae-ft-ema)")
     parser.add_argument("--demo", choices=["digits"],
                         help="write the CPU demo data set (scikit-learn digits, pixel space) instead")
-    parser.add_argument("--layout", default="auto", choices=["auto", "imagenet", "flat", "lmdb"])
+    parser.add_argument("--layout", default="auto", choices=["auto", *SOURCES])
     parser.add_argument("--lmdb-prefix", default="", help="only LMDB keys with this prefix (e.g. '256-')")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--store", default="sample", choices=["sample", "moments"],
@@ -214,7 +214,7 @@ def prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _encode_shards(vae: torch.nn.Module, source: FolderSource | LMDBSource, *, plan: list[np.ndarray],
+def _encode_shards(vae: torch.nn.Module, source: Source, *, plan: list[np.ndarray],
                    todo: list[int], out: ShardDestination, parts: Path, args: argparse.Namespace,
                    latent_shape: tuple[int, ...]) -> None:
     keys = [item.key for item in source.items]

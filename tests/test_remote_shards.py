@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from http_servers import serve
-from trainer_helpers import dimsum, ok
+from trainer_helpers import assert_same_weights, complete_steps, dimsum, ok, overrides, torchrun
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import LatentLoader
@@ -122,3 +122,18 @@ def test_prepare_to_a_pipe_then_verify_over_http(digits_shards: Path, tmp_path: 
     wrong = ok(dimsum("prepare", "--demo", "digits", "--out", two), code=2)
     assert "names 2 shard location(s) but the data set has 4 shards" in wrong
     assert len(wrong.strip().splitlines()) == 1 and not list(tmp_path.glob("x-*"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_training_from_http_killed_mid_shard_and_resumed_matches_the_local_run(digits_shards: Path,
+                                                                              tmp_path: Path) -> None:
+    ok(torchrun(overrides(tmp_path, digits_shards, "local", max_steps=6)))
+    with serve(digits_shards) as server:
+        # 2 ranks x 4 images per step: the kill at step 5 and the resume from step 4 fall inside a shard
+        args = overrides(tmp_path, f"{server.url}/{SHARDS}", "http", workers=1, max_steps=6)
+        killed = torchrun(args, faults="kill@5:1")
+        assert killed.returncode != 0 and complete_steps(tmp_path / "http") == [2, 4]
+        assert "resumed from step-0000004" in ok(torchrun(args))
+        assert server.gets("manifest.json") >= 4  # each rank of each attempt read it over HTTP
+    assert_same_weights(tmp_path / "local", tmp_path / "http")

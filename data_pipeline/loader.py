@@ -50,14 +50,13 @@ import signal
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.locations import Retry, ShardReader, is_remote, resolve
+from data_pipeline.locations import Retry, ShardReader, is_remote, local_path, resolve
 from data_pipeline.shards import ShardError, decode_block
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ class _Plan:
         if not self.shards:
             raise ShardError(f"{self.where}: the manifest lists no shard with samples")
         missing = [name for name, _ in self.shards
-                   if not is_remote(locations[name]) and not Path(locations[name]).is_file()]
+                   if not is_remote(locations[name]) and not local_path(locations[name]).is_file()]
         if missing:  # remote shards are not probed here: a missing one is found when a pass opens it
             raise ShardError(f"{self.where}: {len(missing)} shard(s) listed in manifest.json are "
                              f"missing, e.g. {missing[0]}")

@@ -63,7 +63,8 @@ def is_remote(location: str) -> bool:
     return bool(_REMOTE.match(location)) and not location.startswith("file://")
 
 
-def _local_path(location: str) -> Path:
+def local_path(location: str) -> Path:
+    """The path of a local location (a plain path or a ``file://`` URL)."""
     return Path(location.removeprefix("file://"))
 
 
@@ -96,7 +97,7 @@ class Retry:
 def read_bytes(location: str, retry: Retry) -> bytes:
     """The whole of a small object (a manifest): a local file, or through gopen with retries."""
     if not is_remote(location):
-        return _local_path(location).read_bytes()
+        return local_path(location).read_bytes()
 
     def read() -> bytes:
         with closing(gopen(location, "rb")) as stream:
@@ -133,7 +134,7 @@ class ShardSource:
         shard without a spec, is a ShardError."""
         names = [e["name"] for e in manifest["shards"]]
         if self.specs is None:
-            return {name: str(Path(self.spec) / name) for name in names}
+            return {name: str(local_path(self.spec) / name) for name in names}
         found: dict[str, str] = {}
         for spec in self.specs:
             name = spec_shard_name(spec, self.spec)
@@ -159,10 +160,12 @@ def spec_shard_name(spec: str, where: str) -> str:
 
 def resolve(shards: str, manifest: str = "") -> ShardSource:
     """Interpret ``data.shards`` (and ``data.manifest``, default next to the shards); see the module doc."""
-    if not is_remote(shards) and _local_path(shards).is_dir():
-        return ShardSource(shards, manifest or str(_local_path(shards) / "manifest.json"), None)
-    if not is_remote(shards) and _local_path(shards).is_file() and not shards.endswith(".tar"):
-        lines = (line.strip() for line in _local_path(shards).read_text().splitlines())
+    path = local_path(shards)
+    is_pattern = is_remote(shards) or "{" in shards or shards.endswith(".tar")
+    if not is_pattern and not path.is_file():  # a folder (a missing one: read_manifest says how to make it)
+        return ShardSource(shards, manifest or str(path / "manifest.json"), None)
+    if not is_pattern:
+        lines = (line.strip() for line in path.read_text().splitlines())
         patterns = [line for line in lines if line and not line.startswith("#")]
     else:
         patterns = [shards]
@@ -194,7 +197,7 @@ class ShardDestination:
 
     @property
     def folder(self) -> Path | None:
-        return None if self.specs is not None else _local_path(self.out)
+        return None if self.specs is not None else local_path(self.out)
 
     def check_count(self, shards: int) -> None:
         """A pattern must name exactly one location per shard."""
@@ -204,14 +207,14 @@ class ShardDestination:
 
     def writer(self, index: int, block_size: int) -> ShardWriter:
         if self.specs is None:
-            return ShardWriter(_local_path(self.out), index, block_size)
+            return ShardWriter(local_path(self.out), index, block_size)
         spec = self.specs[index]
         return ShardWriter.streaming(gopen(spec, "wb"), spec_shard_name(spec, self.out), index, block_size)
 
     def write_manifest(self, manifest: dict[str, Any]) -> str:
         """Write the manifest (the commit point of the data set); return where it went."""
         if self.specs is None:
-            path = _local_path(self.out) / "manifest.json"
+            path = local_path(self.out) / "manifest.json"
             write_json_atomic(path, manifest)
             return str(path)
         location = resolve(self.out).manifest_location
@@ -234,7 +237,7 @@ class ShardReader:
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, bytes]]]:
         if not is_remote(self.location):
-            path = _local_path(self.location)
+            path = local_path(self.location)
             yield from iter_blocks(path, reuse_buffers=self.reuse_buffers)
             self.size = path.stat().st_size
             return
@@ -265,7 +268,7 @@ class ShardReader:
         if is_remote(self.location):
             return self._digest
         try:
-            return file_sha256(_local_path(self.location))
+            return file_sha256(local_path(self.location))
         except OSError as err:
             raise ShardError(f"{self.name}: cannot be read ({err.strerror})") from None
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.locations import Retry, ShardReader, is_remote, resolve
+from data_pipeline.locations import Retry, ShardReader, is_remote, local_path, resolve
 from data_pipeline.shards import ManifestError, ShardError, decode_block
 
 
@@ -41,7 +41,7 @@ def verify_shard(location: str, entry: dict[str, Any], stored_shape: tuple[int, 
     """Read one shard completely, once (a remote one is hashed while it streams); collect every problem
     instead of stopping at the first."""
     report = ShardReport(entry["name"], class_counts=np.zeros(num_classes, dtype=np.int64))
-    if not is_remote(location) and not Path(location).is_file():
+    if not is_remote(location) and not local_path(location).is_file():
         report.problems.append(f"{entry['name']}: listed in the manifest but missing")
         return report
     reader = ShardReader(entry["name"], location, retry or Retry())

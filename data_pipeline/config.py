@@ -10,23 +10,34 @@ from dimsum.config import Config
 
 @dataclasses.dataclass
 class DataConfig(Config):
-    """Streaming-loader settings. ``shards`` is a directory holding ``manifest.json`` and its tar shards.
+    """Streaming-loader settings.
+
+    ``shards``: a folder holding ``manifest.json`` and its tar shards, a WebDataset shard spec (brace
+    pattern of paths or http(s) URLs, ``pipe:COMMAND``), or a file listing one spec per line; ``manifest``:
+    where the manifest is when it is not next to the shards (see locations.py). Remote reads that fail are
+    retried ``retries`` times, waiting ``retry_backoff_s`` and doubling; then ``on_error`` applies.
 
     ``streams`` is the number of independent sample streams per rank (0: one per worker, at least one).
     The batch sequence depends on it, not on ``num_workers``: set it explicitly (a multiple of every
     ``num_workers`` you may use) to keep the same data order when the worker count changes on resume.
     """
 
+    kind: Literal["latent_shards"] = "latent_shards"  # the TrainingData implementation (training_data.py)
     shards: str = "checkpoints/demo/shards"
+    manifest: str = ""
     num_workers: int = 2
     streams: int = 0
     resampled: bool = True
     on_error: Literal["raise", "skip"] = "raise"
     random_flip: bool = True
     prefetch_factor: int = 2
+    retries: int = 3
+    retry_backoff_s: float = 0.5
 
     def validate(self) -> None:
-        self.check(bool(self.shards), "shards", "expected a shard directory")
+        self.check(bool(self.shards), "shards", "expected a shard folder, shard spec or list file")
+        self.check(self.retries >= 0, "retries", "expected >= 0")
+        self.check(0 <= self.retry_backoff_s <= 600, "retry_backoff_s", "expected 0..600 seconds")
         self.check(self.num_workers >= 0, "num_workers", "expected >= 0")
         self.check(self.streams >= 0, "streams", "expected >= 0 (0 means one stream per worker)")
         self.check(self.prefetch_factor >= 1, "prefetch_factor", "expected >= 1")

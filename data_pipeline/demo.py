@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.shards import ShardWriter, new_manifest, write_json_atomic
+from data_pipeline.locations import ShardDestination
+from data_pipeline.shards import new_manifest
 
 SIZE = 16
 
@@ -36,15 +37,20 @@ def digits_pixels() -> tuple[np.ndarray, np.ndarray]:
 
 def build_digits_shards(out_dir: str | Path, *, seed: int = 0, shard_size: int = 500,
                         block_size: int = 64) -> dict[str, Any]:
-    """Write the shuffled digits as shards plus ``manifest.json`` into ``out_dir``; return the manifest."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the shuffled digits as shards plus ``manifest.json`` into ``out_dir``, a folder or a brace
+    pattern / ``pipe:`` spec naming each shard's location (locations.ShardDestination); return the
+    manifest."""
+    out = ShardDestination.parse(str(out_dir))
+    if out.folder is not None:
+        out.folder.mkdir(parents=True, exist_ok=True)
     images, labels = digits_pixels()
     order = np.random.default_rng(seed).permutation(len(images))
+    starts = range(0, len(order), shard_size)
+    out.check_count(len(starts))
     records = []
-    for index, start in enumerate(range(0, len(order), shard_size)):
+    for index, start in enumerate(starts):
         rows = order[start:start + shard_size]
-        with ShardWriter(out, index, block_size) as writer:
+        with out.writer(index, block_size) as writer:
             writer.add(images[rows], images[rows, ..., ::-1], labels[rows], [f"digits/{i:04d}" for i in rows])
             records.append(writer.close())
     manifest = new_manifest(
@@ -53,5 +59,5 @@ def build_digits_shards(out_dir: str | Path, *, seed: int = 0, shard_size: int =
         scaling_factor=1.0, resolution=SIZE, shard_size=shard_size, shuffle_seed=seed,
         source={"name": "sklearn.datasets.load_digits", "layout": "digits"},
     )
-    write_json_atomic(out / "manifest.json", manifest)
+    out.write_manifest(manifest)
     return manifest

@@ -50,25 +50,30 @@ import signal
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.shards import ShardError, decode_block, file_sha256, iter_blocks, read_manifest
+from data_pipeline.locations import Retry, ShardReader, is_remote, local_path, resolve
+from data_pipeline.shards import ShardError, decode_block
 
 log = logging.getLogger(__name__)
 _SHARD, _ORDER, _EPOCH, _NOISE = range(4)  # RNG purposes, the last word of every seed
 
 
+def _retry(cfg: DataConfig) -> Retry:
+    return Retry(attempts=cfg.retries + 1, backoff_s=cfg.retry_backoff_s)
+
+
 class _Plan:
     """Everything needed to rebuild any stream position; small and picklable (workers get a copy)."""
 
-    def __init__(self, cfg: DataConfig, manifest: dict[str, Any], *, batch_size: int, seed: int,
-                 rank: int, world_size: int) -> None:
-        self.directory, self.cfg, self.batch_size = Path(cfg.shards), cfg, batch_size
+    def __init__(self, cfg: DataConfig, manifest: dict[str, Any], locations: dict[str, str], *,
+                 batch_size: int, seed: int, rank: int, world_size: int) -> None:
+        self.where, self.cfg, self.batch_size = cfg.shards, cfg, batch_size
+        self.locations, self.retry = locations, _retry(cfg)
         self.words = (seed, rank, world_size)
         self.streams = cfg.num_streams
         self.stored_shape = tuple(manifest["stored_shape"])
@@ -79,15 +84,16 @@ class _Plan:
         self.shards = [(e["name"], e["samples"]) for e in manifest["shards"] if e["samples"] > 0]
         self.digests = {e["name"]: e["sha256"] for e in manifest["shards"]}
         if not self.shards:
-            raise ShardError(f"{self.directory}: the manifest lists no shard with samples")
-        missing = [name for name, _ in self.shards if not (self.directory / name).is_file()]
-        if missing:
-            raise ShardError(f"{self.directory}: {len(missing)} shard(s) listed in manifest.json are "
+            raise ShardError(f"{self.where}: the manifest lists no shard with samples")
+        missing = [name for name, _ in self.shards
+                   if not is_remote(locations[name]) and not local_path(locations[name]).is_file()]
+        if missing:  # remote shards are not probed here: a missing one is found when a pass opens it
+            raise ShardError(f"{self.where}: {len(missing)} shard(s) listed in manifest.json are "
                              f"missing, e.g. {missing[0]}")
         readers = self.streams * world_size
         if readers > len(self.shards):
             text = (f"{world_size} rank(s) x {self.streams} stream(s) = {readers} readers but only "
-                    f"{len(self.shards)} non-empty shard(s) in {self.directory}")
+                    f"{len(self.shards)} non-empty shard(s) in {self.where}")
             if not cfg.resampled:
                 raise ShardError(f"{text}: without resampling each reader needs its own shard; write more, "
                                  "smaller shards (--shard-size) or set data.resampled=true")
@@ -112,26 +118,25 @@ class _Plan:
             raise ShardError(message + " (data.on_error=skip would skip and count it)")
         log.warning("skipping bad data: %s", message)
 
-    def _readable_blocks(self, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    def _readable_blocks(self, reader: ShardReader) -> Iterator[tuple[str, dict[str, bytes]]]:
         try:
-            yield from iter_blocks(self.directory / name, reuse_buffers=True)  # load_pass copies rows out
+            yield from reader
         except ShardError as err:  # unreadable or truncated tar: the blocks before it were yielded
             self._problem(str(err))
 
-    def _check_digest(self, name: str) -> None:
-        try:
-            digest = file_sha256(self.directory / name)
-        except OSError as err:
-            raise ShardError(f"{name}: cannot be read ({err.strerror})") from None
-        if digest != self.digests[name]:
+    def _check_digest(self, name: str, reader: ShardReader) -> None:
+        digest = reader.digest()
+        if digest is not None and digest != self.digests[name]:
             self._problem(f"{name}: sha256 {digest[:16]}... does not match the manifest's "
                           f"{self.digests[name][:16]}...: the shard changed after it was written")
 
-    def load_pass(self, stream: int, p: int, shard: int, into: _PassBuffer) -> int:
+    def load_pass(self, stream: int, p: int, shard: int, into: _PassBuffer, tried: int = 0) -> int:
         """Fill ``into`` with pass p of ``stream`` (shard ``shard``) in stream order; return the skip count.
 
         Rows are scattered straight to their shuffled positions, and all buffers are reused from pass to
-        pass: fresh allocations cost as much in page faults as the copies themselves.
+        pass: fresh allocations cost as much in page faults as the copies themselves. A shard with no
+        usable sample at all (a 404, a bucket object that stays unreadable) is, under ``skip``, replaced
+        by the next shard in manifest order, cut or topped up to the same count, so positions still hold.
         """
         latents, labels = into.latents, into.labels
         name, count = self.shards[shard]
@@ -142,7 +147,8 @@ class _Plan:
         position[order] = np.arange(count)
         filled = np.zeros(count, dtype=bool)
         read = 0  # samples of decodable blocks seen so far: indexes flips and positions
-        for key, members in self._readable_blocks(name):
+        reader = ShardReader(name, self.locations[name], self.retry, reuse_buffers=True)  # rows copied out
+        for key, members in self._readable_blocks(reader):
             try:
                 block = decode_block(name, key, members, self.stored_shape)
             except ShardError as err:
@@ -168,11 +174,21 @@ class _Plan:
             latents[dest], labels[dest], filled[dest] = chosen, block_labels, True
         if read < count:
             self._problem(f"{name}: only {read} of the manifest's {count} samples could be read")
-        self._check_digest(name)
+        self._check_digest(name, reader)
         holes = np.flatnonzero(~filled)
         if len(holes) == count:
-            raise ShardError(f"{name}: no usable sample, so data.on_error=skip has nothing to fill the "
-                             "pass with; run 'dimsum data verify' on the shard folder")
+            if tried + 1 >= len(self.shards):
+                raise ShardError(f"{name}: no usable sample, and no other shard could stand in; run "
+                                 f"'dimsum data verify {self.where}'")
+            substitute = (shard + 1) % len(self.shards)
+            log.warning("%s has no usable sample: pass %d of stream %d reads %s instead", name, p, stream,
+                        self.shards[substitute][0])
+            skips = self.load_pass(stream, p, substitute, into, tried + 1)
+            got = self.shards[substitute][1]
+            if got < count:
+                source = rng.integers(got, size=count - got)
+                latents[got:count], labels[got:count] = latents[source], labels[source]
+            return count + skips
         if len(holes):  # duplicates of good samples, drawn after order and flips so those never shift
             good = np.flatnonzero(filled)
             source = good[rng.integers(len(good), size=len(holes))]
@@ -324,12 +340,25 @@ class LatentLoader:
                              f"world_size; got {batch_size=}, {seed=}, {start_step=}, {rank=}, {world_size=}")
         cfg.validate()
         self.cfg, self.start_step, self.skipped = cfg, start_step, 0
-        self.manifest = read_manifest(cfg.shards)
+        source = resolve(cfg.shards, cfg.manifest)
+        self.manifest = source.read_manifest(_retry(cfg))
         self.latent_shape = tuple(self.manifest["latent_shape"])
         self.num_classes = int(self.manifest["num_classes"])
-        self._plan = _Plan(cfg, self.manifest, batch_size=batch_size, seed=seed, rank=rank,
-                           world_size=world_size)
+        self._plan = _Plan(cfg, self.manifest, source.locations(self.manifest), batch_size=batch_size,
+                           seed=seed, rank=rank, world_size=world_size)
         self._seed = seed
+
+    def describe(self) -> str:
+        m = self.manifest
+        return (f"{self.cfg.shards}: {m['num_samples']} samples in {len(m['shards'])} shards, latents "
+                f"{self.latent_shape}, {self.num_classes} classes")
+
+    def batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The TrainingData protocol (training_data.py): batches from ``start_step`` on."""
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.start_step = start_step
+        return iter(self)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.cfg.num_workers:

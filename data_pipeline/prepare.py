@@ -10,6 +10,11 @@ sha256, skipped images) goes to ``.parts/``. A rerun skips every shard whose rec
 so a killed process loses only the shard it was writing. The process that finds all records present
 merges them into ``manifest.json``, which is thus the last file written. ``.parts/settings.json`` pins the
 settings and the item list, so a rerun with other settings fails instead of mixing two data sets.
+
+``--out`` may also be a brace pattern or ``pipe:`` spec with one location per shard (an upload such as
+``pipe:aws s3 cp - s3://bucket/in256/shard-{000000..000127}.tar``): each shard streams through
+``webdataset.gopen(spec, "wb")``, its record is written to the local ``--parts`` folder once the command
+has succeeded, and the manifest goes next to the shards, last.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_pipeline.locations import ShardDestination
 from data_pipeline.preprocess import DecodedImages, collate, encode_with_flip
-from data_pipeline.shards import ShardWriter, new_manifest, shard_name, write_json_atomic
-from data_pipeline.sources import FolderSource, LMDBSource, SourceError, open_source
+from data_pipeline.shards import new_manifest, shard_name, write_json_atomic
+from data_pipeline.sources import SOURCES, Source, SourceError, open_source
 from data_pipeline.vae import VAEError, load_vae
 from dimsum.errors import UserError
 
@@ -40,12 +46,16 @@ class PrepareError(UserError, RuntimeError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="?", help="ImageNet-style folder (class subfolders give labels), "
                         "flat image folder (unconditional), or LMDB of encoded images")
-    parser.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json")
+    parser.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and manifest.json, "
+                        "or a brace pattern / pipe: spec with one location per shard, e.g. "
+                        "'pipe:aws s3 cp - s3://bucket/in256/shard-{000000..000127}.tar'")
+    parser.add_argument("--parts", help="local folder for the resume records when --out is not a folder "
+                        "(default: OUT/.parts)")
     parser.add_argument("--vae",
                         help="diffusers AutoencoderKL: local folder or hub id (stabilityai/sd-vae-ft-ema)")
     parser.add_argument("--demo", choices=["digits"],
                         help="write the CPU demo data set (scikit-learn digits, pixel space) instead")
-    parser.add_argument("--layout", default="auto", choices=["auto", "imagenet", "flat", "lmdb"])
+    parser.add_argument("--layout", default="auto", choices=["auto", *SOURCES])
     parser.add_argument("--lmdb-prefix", default="", help="only LMDB keys with this prefix (e.g. '256-')")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--store", default="sample", choices=["sample", "moments"],
@@ -69,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if Path(args.out).exists() and not Path(args.out).is_dir():
+        if ShardDestination.parse(args.out).folder and Path(args.out).is_file():
             raise PrepareError(f"--out: {args.out} is an existing file; expected a folder (or a new path)")
         if args.demo:
             from data_pipeline.demo import build_digits_shards
@@ -127,15 +137,20 @@ def _pin_settings(path: Path, settings: dict) -> None:
     write_json_atomic(path, settings)
 
 
-def _record_path(out: Path, shard: int) -> Path:
-    return out / ".parts" / f"{shard_name(shard)}.json"
+def _record_path(parts: Path, shard: int) -> Path:
+    return parts / f"{shard_name(shard)}.json"
 
 
-def _is_done(out: Path, shard: int) -> bool:
-    record, tar = _record_path(out, shard), out / shard_name(shard)
-    if not (record.is_file() and tar.is_file()):
+def _is_done(out: ShardDestination, parts: Path, shard: int) -> bool:
+    """The shard's record is written, and (in a folder) its file has the recorded size. A remote shard is
+    not probed: its record is written only after its upload command succeeded."""
+    record = _record_path(parts, shard)
+    if not record.is_file():
         return False
-    return json.loads(record.read_text())["shard"]["bytes"] == tar.stat().st_size
+    if out.folder is None:
+        return True
+    tar = out.folder / shard_name(shard)
+    return tar.is_file() and json.loads(record.read_text())["shard"]["bytes"] == tar.stat().st_size
 
 
 def _shard_seed(seed: int, shard: int) -> int:
@@ -161,23 +176,29 @@ def prepare(args: argparse.Namespace) -> int:
         "shard_size": args.shard_size, "block_size": args.block_size, "seed": args.seed,
         "items": len(source.items), "items_sha256": hashlib.sha256(items_text.encode()).hexdigest(),
     }
-    out = Path(args.out)
-    (out / ".parts").mkdir(parents=True, exist_ok=True)
-    _pin_settings(out / ".parts" / "settings.json", settings)
+    out = ShardDestination.parse(args.out)
+    if out.folder is None and not args.parts:
+        raise PrepareError(f"--out {args.out} is not a folder: give --parts, a local folder for the resume "
+                           "records")
+    parts = Path(args.parts) if args.parts else out.folder / ".parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    _pin_settings(parts / "settings.json", settings if out.folder else {**settings, "out": args.out})
 
     order = np.random.default_rng(args.seed).permutation(len(source.items))
     plan = [order[i:i + args.shard_size] for i in range(0, len(order), args.shard_size)]
-    todo = [s for s in range(rank, len(plan), world) if not _is_done(out, s)]
+    out.check_count(len(plan))
+    todo = [s for s in range(rank, len(plan), world) if not _is_done(out, parts, s)]
     print(f"rank {rank}/{world}: {len(source.items)} images, {len(plan)} shards, "
           f"{len(todo)} to write on {device}", file=sys.stderr)
-    _encode_shards(vae, source, plan=plan, todo=todo, out=out, args=args, latent_shape=latent_shape)
+    _encode_shards(vae, source, plan=plan, todo=todo, out=out, parts=parts, args=args,
+                   latent_shape=latent_shape)
 
-    missing = [s for s in range(len(plan)) if not _is_done(out, s)]
+    missing = [s for s in range(len(plan)) if not _is_done(out, parts, s)]
     if missing:
         print(f"rank {rank}: done; {len(missing)} shard(s) are not written yet (other ranks, or rerun); "
               "the last process to finish writes manifest.json", file=sys.stderr)
         return 0
-    records = [json.loads(_record_path(out, s).read_text()) for s in range(len(plan))]
+    records = [json.loads(_record_path(parts, s).read_text()) for s in range(len(plan))]
     manifest = new_manifest(
         shards=[r["shard"] for r in records], skipped=[x for r in records for x in r["skipped"]],
         latent_shape=latent_shape, store=args.store,
@@ -187,14 +208,14 @@ def prepare(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, crop="adm-center", shuffle_seed=args.seed,
         source={"path": settings["source"], "layout": source.layout},
     )
-    write_json_atomic(out / "manifest.json", manifest)
-    print(f"wrote {out / 'manifest.json'}: {manifest['num_samples']} samples in {len(plan)} shards, "
-          f"{manifest['skipped']['count']} images skipped; check with: dimsum data verify {out}")
+    where = out.write_manifest(manifest)
+    print(f"wrote {where}: {manifest['num_samples']} samples in {len(plan)} shards, "
+          f"{manifest['skipped']['count']} images skipped; check with: dimsum data verify {args.out}")
     return 0
 
 
-def _encode_shards(vae: torch.nn.Module, source: FolderSource | LMDBSource, *, plan: list[np.ndarray],
-                   todo: list[int], out: Path, args: argparse.Namespace,
+def _encode_shards(vae: torch.nn.Module, source: Source, *, plan: list[np.ndarray],
+                   todo: list[int], out: ShardDestination, parts: Path, args: argparse.Namespace,
                    latent_shape: tuple[int, ...]) -> None:
     keys = [item.key for item in source.items]
     labels = np.array([item.label for item in source.items], dtype=np.int64)
@@ -218,7 +239,7 @@ def _encode_shards(vae: torch.nn.Module, source: FolderSource | LMDBSource, *, p
             skipped.append({"key": keys[i], "shard": shard_name(shard), "error": problem})
             bar.write(f"skipping {source.where(keys[i])}: {problem}")
 
-        with ShardWriter(out, shard, args.block_size) as writer:
+        with out.writer(shard, args.block_size) as writer:
             for _, (indices, images, errors) in group:
                 for i, err in errors:
                     skip(i, f"unreadable image ({err})")
@@ -235,5 +256,5 @@ def _encode_shards(vae: torch.nn.Module, source: FolderSource | LMDBSource, *, p
                 writer.add(latent[finite], flip[finite], labels[indices][finite],
                            [keys[i] for i, ok in zip(indices, finite, strict=True) if ok])
             record = writer.close()
-        write_json_atomic(_record_path(out, shard), {"shard": record, "skipped": skipped})
+        write_json_atomic(_record_path(parts, shard), {"shard": record, "skipped": skipped})
     bar.close()

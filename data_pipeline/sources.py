@@ -8,14 +8,15 @@ is decoded, and an unreadable image only surfaces (with its key) when it is read
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Protocol
 
 from dimsum.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-Layout = Literal["auto", "imagenet", "flat", "lmdb"]
 
 
 class SourceError(UserError, RuntimeError):
@@ -126,20 +127,49 @@ class LMDBSource:
         return {**self.__dict__, "_env": None, "_pid": -1}
 
 
-def open_source(path: str | Path, layout: Layout = "auto", key_prefix: str = "") -> FolderSource | LMDBSource:
-    """Open ``path``; ``auto`` picks lmdb (data.mdb), flat (images at the top) or imagenet (class folders)."""
+class Source(Protocol):
+    """What ``prepare`` needs of an image source. ``items`` is sorted and reproducible; ``label_map`` is
+    class name -> label (None: unconditional); ``read`` returns one item's encoded bytes (an OSError names
+    nothing: ``where`` does); ``layout`` is the SOURCES key that opened it."""
+
+    layout: str
+    items: list[Item]
+    label_map: dict[str, int] | None
+
+    def read(self, key: str) -> bytes: ...
+
+    def where(self, key: str) -> str: ...
+
+
+def _folder(root: Path, _key_prefix: str, *, labelled: bool) -> FolderSource:
+    if not root.is_dir():
+        raise SourceError(f"{root}: layout {'imagenet' if labelled else 'flat'!r} expects a folder")
+    return FolderSource(root, labelled=labelled)
+
+
+# layout -> opener(root, key_prefix): the one place a new source is registered (prepare's --layout choices)
+SOURCES: dict[str, Callable[[Path, str], Source]] = {
+    "imagenet": functools.partial(_folder, labelled=True),
+    "flat": functools.partial(_folder, labelled=False),
+    "lmdb": LMDBSource,
+}
+
+
+def detect_layout(root: Path) -> str:
+    """lmdb (data.mdb), flat (images at the top) or imagenet (class folders)."""
+    if (root / "data.mdb").is_file() or root.suffix == ".mdb":
+        return "lmdb"
+    if not root.is_dir():
+        raise SourceError(f"{root}: expected a folder of images, a folder of class folders, or an LMDB")
+    return "flat" if any(_is_image(p) for p in root.iterdir() if p.is_file()) else "imagenet"
+
+
+def open_source(path: str | Path, layout: str = "auto", key_prefix: str = "") -> Source:
+    """Open ``path`` with the SOURCES entry ``layout``; ``auto`` detects it (:func:`detect_layout`)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise SourceError(f"{root}: source does not exist")
-    if layout == "auto":
-        if (root / "data.mdb").is_file() or root.suffix == ".mdb":
-            layout = "lmdb"
-        elif not root.is_dir():
-            raise SourceError(f"{root}: expected a folder of images, a folder of class folders, or an LMDB")
-        else:
-            layout = "flat" if any(_is_image(p) for p in root.iterdir() if p.is_file()) else "imagenet"
-    if layout == "lmdb":
-        return LMDBSource(root, key_prefix)
-    if not root.is_dir():
-        raise SourceError(f"{root}: layout {layout!r} expects a folder")
-    return FolderSource(root, labelled=layout == "imagenet")
+    layout = detect_layout(root) if layout == "auto" else layout
+    if layout not in SOURCES:
+        raise SourceError(f"layout {layout!r} is not one of auto, {', '.join(SOURCES)}")
+    return SOURCES[layout](root, key_prefix)

@@ -16,6 +16,7 @@ from shard_helpers import declare_member_size, rewrite_block, with_array
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import LatentLoader
 from data_pipeline.shards import ShardError, ShardWriter, iter_blocks, new_manifest, write_json_atomic
+from data_pipeline.training_data import build_training_data
 from data_pipeline.verify import verify_shard
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -187,7 +188,8 @@ def test_truncated_shard_raises_or_is_skipped(tmp_path: Path) -> None:
     kwargs = dict(batch_size=8, resampled=False, streams=2)
     with pytest.raises(ShardError, match=r"shard-000002.tar, key 000002-0000\d: truncated or corrupt tar"):
         take(tmp_path / "cut", 20, num_workers=2, **kwargs)
-    readable = verify_shard(tmp_path / "cut", {"name": path.name, "samples": 40, "sha256": ""}, (1, 4, 4), 10)
+    entry = {"name": path.name, "samples": 40, "sha256": ""}
+    readable = verify_shard(str(tmp_path / "cut" / path.name), entry, (1, 4, 4), 10)
     assert 0 < readable.samples < 40
     batches, loader = take(tmp_path / "cut", 20, num_workers=2, on_error="skip", **kwargs)
     assert loader.skipped == 40 - readable.samples and all(len(x) == 8 for x, _ in batches)
@@ -254,3 +256,12 @@ def test_a_member_declaring_a_terabyte_is_a_shard_error_or_a_counted_skip(tmp_pa
         take(tmp_path / "huge", 20, num_workers=2, **kwargs)
     batches, loader = take(tmp_path / "huge", 20, num_workers=2, on_error="skip", **kwargs)
     assert loader.skipped == 8 and all(len(x) == 8 for x, _ in batches)
+
+
+def test_training_data_protocol_gives_the_batches_of_any_step(digits_shards: Path) -> None:
+    cfg = DataConfig(shards=str(digits_shards), num_workers=0)
+    data = build_training_data(cfg, batch_size=64, seed=0, rank=0, world_size=1)
+    assert isinstance(data, LatentLoader) and "1797 samples in 4 shards" in data.describe()
+    assert data.latent_shape == (1, 16, 16) and data.num_classes == 10
+    full = list(itertools.islice(data.batches(0), 12))
+    assert same(list(itertools.islice(data.batches(9), 3)), full[9:])

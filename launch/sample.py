@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dimsum.errors import UserError
 from dimsum.sampling import Sampler, SamplerConfig
 from dimsum.sampling import guided_prediction as guided_velocity
-from launch import weights
+from launch.generate import weights
 from launch.images import save_grid, save_npz, to_uint8
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}

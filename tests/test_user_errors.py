@@ -36,7 +36,7 @@ from shard_helpers import (
 )
 
 from dimsum.models import build_model, model_config
-from launch.weights import CONFIG_METADATA_KEY
+from launch.generate.weights import CONFIG_METADATA_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 DIMSUM = [sys.executable, "-m", "launch.cli"]

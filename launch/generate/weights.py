@@ -56,7 +56,7 @@ def load_released_checkpoint(path: str | Path, which: str = "ema", name: str | N
                              overrides: Mapping[str, Any] | None = None) -> tuple[ModelConfig, dict]:
     """(config, state dict) from a released checkpoint (``which``: "ema" or "raw"); ``name`` forces a size."""
     from dimsum.models.dimsum.released import config_from_state_dict, released_config
-    from launch.released import load_released
+    from launch.generate.released import load_released
 
     try:
         state_dict = load_released(path, which="ema" if which == "ema" else "model")

@@ -5,7 +5,7 @@
 
 Sections (each records its own error and the others still run; the file is rewritten after each):
 
-* ``collectives``: ``launch.collectives.Collectives`` under a real one-rank NCCL group (no world-size
+* ``collectives``: ``launch.train.collectives.Collectives`` under a real one-rank NCCL group (no world-size
   shortcut exists), and whether the group rejects a CPU tensor, the crash the module prevents;
 * ``scan``: every backend that loads (torch; cuda when the compiled kernels load) against the float64
   loop, forward and every gradient with h0, then time and peak memory of one forward + backward at the
@@ -59,7 +59,7 @@ def peak_gib(device: str) -> float | None:
 def check_collectives(device: str, tmp: Path) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from launch.collectives import Collectives, engine_device
+    from launch.train.collectives import Collectives, engine_device
 
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{tmp / 'pg'}", rank=0, world_size=1)
@@ -179,8 +179,8 @@ def write_latent_shards(out: Path, samples: int, shape: tuple[int, int, int]) ->
 
 def train_step_figures(name: str, micro: int, device: str, tmp: Path, dry_run: bool) -> dict[str, Any]:
     from launch.config import load_config
-    from launch.metrics import device_peak_tflops
-    from launch.trainer import Trainer
+    from launch.train.metrics import device_peak_tflops
+    from launch.train.trainer import Trainer
 
     warmup, timed = (1, 2) if dry_run else (2, 5)
     size = 8 if dry_run else 32

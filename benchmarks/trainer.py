@@ -38,7 +38,7 @@ from dimsum.diffusion.flow import Transport
 from dimsum.models import build_model
 from dimsum.ssm import scan
 from launch.config import load_config
-from launch.trainer import Trainer
+from launch.train.trainer import Trainer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
 

@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launch.collectives import Collectives, engine_device
+from launch.train.collectives import Collectives, engine_device
 
 REPO = Path(__file__).resolve().parents[1]
-# Every torch.distributed call that takes a tensor; only launch/collectives.py may make them.
+# Every torch.distributed call that takes a tensor; only launch/train/collectives.py may make them.
 TENSOR_COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter",
                       "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single", "gather",
                       "scatter", "send", "recv", "isend", "irecv"}
@@ -85,10 +85,10 @@ def _distributed_calls(path: Path) -> list[str]:
 
 def test_no_collective_tensor_is_built_outside_launch_collectives() -> None:
     files = sorted((REPO / "launch").rglob("*.py"))
-    assert REPO / "launch" / "collectives.py" in files
+    assert REPO / "launch" / "train" / "collectives.py" in files
     offenders = [call for f in files if f.name != "collectives.py" for call in _distributed_calls(f)]
-    assert offenders == [], "use launch.collectives.Collectives instead: " + "; ".join(offenders)
-    assert _distributed_calls(REPO / "launch" / "collectives.py")  # the check does see the real call
+    assert offenders == [], "use launch.train.collectives.Collectives instead: " + "; ".join(offenders)
+    assert _distributed_calls(REPO / "launch" / "train" / "collectives.py")  # the check sees the real call
 
 
 @pytest.mark.cuda

@@ -9,7 +9,7 @@ import yaml
 
 from launch.cli import main
 from launch.config import load_config
-from launch.engine import deepspeed_config
+from launch.train.deepspeed_engine import deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml")

@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from dimsum.models import ModelConfig, build_model, model_config
 from dimsum.models.dimsum.released import released_config, to_released
 from launch.cli import main
+from launch.generate.sample import generate
 from launch.generate.weights import CONFIG_METADATA_KEY, WeightsError, instantiate, load_exported
-from launch.sample import generate
 
 REPO = Path(__file__).resolve().parents[1]
 

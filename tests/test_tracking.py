@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launch.tracking import MLflowTracker, embedded_uri, flatten, make_tracker
+from launch.train.tracking import MLflowTracker, embedded_uri, flatten, make_tracker
 
 REPO = Path(__file__).resolve().parents[1]
 

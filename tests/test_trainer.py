@@ -2,7 +2,7 @@
 
 Runs are tiny (DiMSUM-debug on 16x16 digits, 4 images per rank, a handful of steps) and shared between
 assertions: one uninterrupted reference run per ZeRO stage is compared bit for bit with a run that is
-killed and resumed. Failures are injected with ``DIMSUM_FAULTS`` (see launch/faults.py).
+killed and resumed. Failures are injected with ``DIMSUM_FAULTS`` (see launch/train/faults.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from trainer_helpers import (
     torchrun,
 )
 
-from launch.export import load_run_weights
-from launch.resume import client_state
+from launch.generate.export import load_run_weights
+from launch.train.state import client_state
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 # every parameter partitioned (the debug model's tensors are all below the default persistence threshold)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from launch.checkpoint import CheckpointManager
-from launch.export import load_run_weights
+from launch.generate.export import load_run_weights
+from launch.train.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo_cpu.yaml"

@@ -73,7 +73,7 @@ def load_released_checkpoint(path: str | Path, which: str = "ema", name: str | N
 
 def load_run(run_dir: str | Path, step: int | None = None, which: str = "ema") -> tuple[ModelConfig, dict]:
     """(config, state dict) straight from a training run's checkpoint (the exporter's own reader)."""
-    from launch.export import ExportError, load_run_weights
+    from launch.generate.export import ExportError, load_run_weights
 
     try:
         return load_run_weights(run_dir, step=step, which=which)

@@ -39,8 +39,8 @@ def peak_for_name(name: str) -> float | None:
 
 @functools.cache
 def _note_unknown_device(name: str) -> None:
-    warnings.warn(f"no bf16 peak known for '{name}' (launch/metrics.py BF16_PEAK_TFLOPS): logging TFLOP/s "
-                  f"without MFU", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"no bf16 peak known for '{name}' (launch/train/metrics.py BF16_PEAK_TFLOPS): "
+                  f"logging TFLOP/s without MFU", RuntimeWarning, stacklevel=3)
 
 
 def device_peak_tflops(device: str) -> float | None:

@@ -25,16 +25,19 @@ from dimsum.errors import UserError
 USER_ERROR_EXIT = 2
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("launch.commands.models", "list the model registry with parameter counts and GFLOPs"),
-    "config": ("launch.commands.config", "show or save a resolved experiment config"),
+    "models": ("launch.cli.models", "list the model registry with parameter counts and GFLOPs"),
+    "config": ("launch.cli.config", "show or save a resolved experiment config"),
     "prepare": ("data_pipeline.prepare", "images to SD-VAE latent shards (--demo digits: pixel shards)"),
     "data": ("data_pipeline.verify", "'data verify SHARDS_DIR': check every shard against its manifest"),
-    "sample": ("launch.sample", "images or latents from a model (exported, released or a run), with CFG"),
-    "eval": ("launch.evaluate", "'eval fid SAMPLES --ref REF': FID against cached reference statistics"),
-    "train": ("launch.trainer", "train or auto-resume an experiment (DeepSpeed ZeRO, a process per device)"),
-    "export": ("launch.export", "a run's EMA (or --raw) weights as one safetensors file + config YAML"),
-    "submit": ("launch.submit", "submit a training run to SLURM via submitit (validated first)"),
-    "demo": ("launch.demo", "the CPU demo: digits shards, 2-rank DeepSpeed training, EMA grid, MLflow"),
+    "sample": ("launch.generate.sample",
+               "images or latents from a model (exported, released or a run), with CFG"),
+    "eval": ("launch.generate.fid", "'eval fid SAMPLES --ref REF': FID against cached reference statistics"),
+    "train": ("launch.train.trainer",
+              "train or auto-resume an experiment (DeepSpeed ZeRO, a process per device)"),
+    "export": ("launch.generate.export",
+               "a run's EMA (or --raw) weights as one safetensors file + config YAML"),
+    "submit": ("launch.cluster.submit", "submit a training run to SLURM via submitit (validated first)"),
+    "demo": ("launch.cli.demo", "the CPU demo: digits shards, 2-rank DeepSpeed training, EMA grid, MLflow"),
 }
 
 
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dimsum: unknown command {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank; imported only then: it loads torch
-        from launch.distributed import die_with_launcher
+        from launch.train.distributed import die_with_launcher
 
         die_with_launcher()
     module_path, text = COMMANDS[name]
@@ -84,6 +87,3 @@ def _one_line(command: str, message: str, *, name_rank: bool = True) -> None:
     rank = f"rank {os.environ.get('RANK', '?')}: " if multi else ""
     print(f"dimsum {command}: {rank}{' '.join(message.split())}", file=sys.stderr, flush=True)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ scripts, submitit) > SLURM's own task variables > one process on this machine. T
 and only then is ``deepspeed.init_distributed`` called (never the pdsh/ssh launcher).
 
 DeepSpeed JIT-compiles a shared-memory comm op on every process start when it is not cached (30-60 s on
-CPU). :func:`extensions_dir` keeps that cache inside the virtualenv, and ``python -m launch.distributed
+CPU). :func:`extensions_dir` keeps that cache inside the virtualenv, and ``python -m launch.train.distributed
 --prebuild`` fills it once at install time.
 """
 
@@ -75,7 +75,7 @@ def resolve_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
         raise RuntimeError(f"rank {rank} is outside world size {world}")
     if world > 1 and "MASTER_ADDR" not in environ:
         raise RuntimeError("MASTER_ADDR is not set for a multi-process job; the launcher (torchrun, "
-                           "slurm/*.sbatch, launch.submit) must export the first host's address")
+                           "slurm/*.sbatch, launch.cluster.submit) must export the first host's address")
     if "MASTER_PORT" in environ:
         port = _int(environ, "MASTER_PORT")
     elif "SLURM_JOB_ID" in environ:

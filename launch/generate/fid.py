@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dimsum.errors import UserError
-from launch.images import iter_images, npz_batches
+from launch.generate.images import iter_images, npz_batches
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"

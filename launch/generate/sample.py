@@ -29,7 +29,7 @@ from dimsum.errors import UserError
 from dimsum.sampling import Sampler, SamplerConfig
 from dimsum.sampling import guided_prediction as guided_velocity
 from launch.generate import weights
-from launch.images import save_grid, save_npz, to_uint8
+from launch.generate.images import save_grid, save_npz, to_uint8
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -148,7 +148,7 @@ def init_distributed(device: str) -> tuple[int, int, bool]:
     srun), or a single process. ``created`` says whether we own the group and must destroy it."""
     created = False
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from launch.distributed import resolve_env
+        from launch.train.distributed import resolve_env
 
         resolve_env().export()
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")

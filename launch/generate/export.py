@@ -4,7 +4,7 @@ The file holds our state-dict keys, fp32, with ``{"dimsum_model_config": json}``
 the run's resolved config YAML is written beside it: exactly what ``dimsum sample`` reads. The EMA is the
 default (the weights to sample with); ``--raw`` exports the trained fp32 master weights instead.
 
-Only complete checkpoints whose checksums verify are read (see launch/checkpoint.py: DeepSpeed's files
+Only complete checkpoints whose checksums verify are read (see launch/train/checkpoint.py: DeepSpeed's files
 are unpickled, so nothing else may be); without ``--step`` a damaged newest one is skipped, with a
 warning, for the newest intact one. Raw weights are consolidated from the ZeRO shards with DeepSpeed's
 ``zero_to_fp32`` (any stage, no process group needed); the EMA from our per-rank shards, with frozen
@@ -26,9 +26,9 @@ import torch
 
 from dimsum.errors import UserError
 from dimsum.models import ModelConfig, build_model
-from launch.checkpoint import CheckpointManager, damage, step_name
 from launch.config import ExperimentConfig, dump_config
-from launch.resume import client_state, consolidate_ema
+from launch.train.checkpoint import CheckpointManager, damage, step_name
+from launch.train.state import client_state, consolidate_ema
 
 CONFIG_METADATA_KEY = "dimsum_model_config"
 
@@ -114,8 +114,8 @@ def write_grid(run_dir: Path, step: int, cfg: ExperimentConfig, manifest: Mappin
     """EMA samples of a checkpoint as ``RUN/samples/step-NNNNNNN.png``: one column per class (up to 16
     evenly spaced classes) when class-conditional. Returns None (after a warning) when the decoder
     cannot be loaded."""
-    from launch.images import save_grid
-    from launch.sample import decode, generate
+    from launch.generate.images import save_grid
+    from launch.generate.sample import decode, generate
 
     t = cfg.train
     vae = None

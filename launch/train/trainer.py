@@ -28,8 +28,9 @@ from dimsum.diffusion.flow import Transport
 from dimsum.ema import EMA
 from dimsum.errors import UserError
 from dimsum.models import build_model, count_parameters
-from launch import resume
-from launch.checkpoint import (
+from launch.config import ExperimentConfig, check_resume_config, dump_config, load_config
+from launch.train import state as resume
+from launch.train.checkpoint import (
     MARKER,
     OURS,
     POINTER,
@@ -41,17 +42,22 @@ from launch.checkpoint import (
     mark_ours,
     remove_ours,
 )
-from launch.collectives import Collectives, engine_device
-from launch.config import ExperimentConfig, check_resume_config, dump_config, load_config
-from launch.distributed import (
+from launch.train.collectives import Collectives, engine_device
+from launch.train.deepspeed_engine import (
+    batch_layout,
+    initialize,
+    master_fragments,
+    select_device,
+    select_precision,
+)
+from launch.train.distributed import (
     init_distributed,
     resolve_env,
 )
-from launch.engine import batch_layout, initialize, master_fragments, select_device, select_precision
-from launch.faults import Faults
-from launch.metrics import StepMeter
-from launch.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
-from launch.tracking import flatten, make_tracker, saved_run_id
+from launch.train.faults import Faults
+from launch.train.metrics import StepMeter
+from launch.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from launch.train.tracking import flatten, make_tracker, saved_run_id
 
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)  # DeepSpeed's
 
@@ -319,7 +325,7 @@ class Trainer:
         """An EMA sample grid from the newest checkpoint, made on rank 0 (the others wait at the next
         collective); the training RNG is untouched so determinism is preserved."""
         if self.rank == 0:
-            from launch.export import write_grid
+            from launch.generate.export import write_grid
 
             latest = self.ckpt.latest()
             if latest is not None and not (self.run_dir / "samples" / f"{latest.path.name}.png").exists():

@@ -59,12 +59,13 @@ def peak_gib(device: str) -> float | None:
 def check_collectives(device: str, tmp: Path) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from launch.train.collectives import Collectives, engine_device
+    from dimsum.devices import rank_device
+    from launch.train.collectives import Collectives
 
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{tmp / 'pg'}", rank=0, world_size=1)
     try:
-        coll = Collectives(engine_device(device, torch.cuda.current_device() if device == "cuda" else 0))
+        coll = Collectives(rank_device(device, torch.cuda.current_device() if device == "cuda" else 0))
         out: dict[str, Any] = {"backend": backend, "device": str(coll.device),
                                "max_ok": coll.max([1.0, -2.0]) == [1.0, -2.0],
                                "mean_ok": coll.mean([3.0, 0.5]) == [3.0, 0.5],

@@ -13,7 +13,6 @@ parameters and buffers (which the EMA does not track because they never change) 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -141,16 +140,3 @@ def write_grid(run_dir: Path, step: int, cfg: ExperimentConfig, manifest: Mappin
     path = save_grid(decode(samples, vae), run_dir / "samples" / f"{step_name(step)}.png", nrow=columns)
     log(f"sample grid: {path}")
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", type=Path, help="run directory, e.g. checkpoints/demo")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
-    parser.add_argument("--raw", action="store_true", help="export the trained weights instead of the EMA")
-    parser.add_argument("--out", type=Path, help="output .safetensors path")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = export(args.run, args.out, args.step, "raw" if args.raw else "ema")
-    print(f"wrote {out} and {out.with_suffix('.yaml')}")
-    return 0

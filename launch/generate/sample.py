@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from dimsum.devices import rank_device, resolve_device
 from dimsum.errors import UserError
 from dimsum.sampling import Sampler, SamplerConfig
 from dimsum.sampling import guided_prediction as guided_velocity
@@ -143,51 +143,18 @@ def resolve_labels(spec: str, count: int | None, model: nn.Module,
     return torch.randint(cfg.num_classes, (count,), generator=torch.Generator().manual_seed(seed)), count
 
 
-def init_distributed(device: str) -> tuple[int, int, bool]:
+def join_process_group(device: str) -> tuple[int, int, bool]:
     """(rank, world, created): an existing process group, a new one from launcher variables (torchrun,
     srun), or a single process. ``created`` says whether we own the group and must destroy it."""
     created = False
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from launch.train.distributed import resolve_env
+        from launch.train.distributed import init_distributed
 
-        resolve_env().export()
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        init_distributed(device, with_deepspeed=False)
         created = True
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), created
     return 0, 1, created
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", type=Path, help="safetensors file from 'dimsum export'")
-    src.add_argument("--released", type=Path, help="released DiMSUM checkpoint (.pt/.bin/.safetensors, dir)")
-    src.add_argument("--run", type=Path, help="training run directory (EMA weights of the latest step)")
-    parser.add_argument("--step", type=int, help="with --run: this checkpoint step instead of the latest")
-    parser.add_argument("--which", choices=["ema", "raw"], default="ema", help="EMA or raw (trained) weights")
-    parser.add_argument("--model", help="with --released: registry size, e.g. DiMSUM-L/2 (default: by shape)")
-    parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --released: override a model config field (repeatable)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--count", type=int, help="number of samples (default: len(--labels) or 16)")
-    parser.add_argument("--labels", default="random", help="'random', 'even' or a comma list of class ids")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
-    parser.add_argument("--sampler", choices=["dopri5", "euler", "heun", "sde"], default="dopri5")
-    parser.add_argument("--steps", type=int, default=50, help="steps for euler/heun/sde")
-    parser.add_argument("--atol", type=float, default=1e-6, help="dopri5 absolute tolerance")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="dopri5 relative tolerance")
-    parser.add_argument("--path", choices=["GVP", "Linear"], default="GVP", help="training path (SDE drift)")
-    parser.add_argument("--diffusion-norm", type=float, default=1.0, help="SDE noise scale")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16, help="samples per network batch, per process")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="network autocast")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
-                        help="diffusers AutoencoderKL dir or hub id; 'pixels' for pixel-space models")
-    parser.add_argument("--latents-only", action="store_true", help="skip decoding; write latents.npz")
-    parser.add_argument("--grid", type=int, default=64, help="images in grid.png (0: no grid)")
-    parser.add_argument("--npz-min", type=int, default=1000,
-                        help="write the ADM-style samples .npz when count >= this (0: always)")
 
 
 def load_model(args: argparse.Namespace, device: str) -> nn.Module:
@@ -204,28 +171,11 @@ def load_model(args: argparse.Namespace, device: str) -> nn.Module:
     return weights.instantiate(cfg, state, source, device)
 
 
-def run(args: argparse.Namespace) -> int:
-    from data_pipeline.vae import VAEError
-
-    try:
-        return sample(args)
-    except (SampleError, weights.WeightsError, VAEError) as err:
-        print(f"dimsum sample: {err}", file=sys.stderr)
-        return 1
-
-
-def sample(args: argparse.Namespace) -> int:
-    """The command's body: check the options, join the process group (if any), sample."""
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if args.batch_size <= 0:
-        raise SampleError(f"--batch-size: got {args.batch_size}; expected a positive integer")
-    if args.out.exists() and not args.out.is_dir():
-        raise SampleError(f"--out: {args.out} is an existing file; expected a directory (or a new path)")
-    sampler = sampler_config(args.sampler, steps=args.steps, atol=args.atol, rtol=args.rtol, path=args.path,
-                             diffusion_norm=args.diffusion_norm)
-    rank, world, created = init_distributed(device)
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+def sample(args: argparse.Namespace, sampler: SamplerConfig) -> dict[str, Any] | None:
+    """Join the process group (if any) and sample; rank 0 returns what it wrote (``info.json``)."""
+    device = resolve_device(args.device, "--device")
+    rank, world, created = join_process_group(device)
+    device = str(rank_device(device, int(os.environ.get("LOCAL_RANK", "0"))))
     try:
         return sample_on_rank(args, sampler, device, rank, world)
     finally:
@@ -234,7 +184,7 @@ def sample(args: argparse.Namespace) -> int:
 
 
 def sample_on_rank(args: argparse.Namespace, sampler: SamplerConfig, device: str, rank: int,
-                   world: int) -> int:
+                   world: int) -> dict[str, Any] | None:
     """Load, sample this rank's contiguous block of indices, decode, merge on rank 0, write."""
     model = load_model(args, device)
     broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
@@ -268,10 +218,9 @@ def sample_on_rank(args: argparse.Namespace, sampler: SamplerConfig, device: str
     if rank == 0:
         info = write_outputs(args, merged, labels, sampler=sampler, nfes=all_nfes, seconds=seconds,
                              world=world)
-        print(json.dumps(info))
     if world > 1:
         dist.barrier()
-    return 0
+    return info if rank == 0 else None
 
 
 def merge_ranks(part: np.ndarray, nfes: list[int], out: Path, rank: int,

@@ -10,7 +10,6 @@ row stop the run with the last good checkpoint intact.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -18,17 +17,17 @@ import socket
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from dimsum.config import ConfigError
+from dimsum.devices import rank_device, resolve_device
 from dimsum.diffusion.flow import Transport
 from dimsum.ema import EMA
 from dimsum.errors import UserError
 from dimsum.models import build_model, count_parameters
-from launch.config import ExperimentConfig, check_resume_config, dump_config, load_config
+from launch.config import ExperimentConfig, check_resume_config, dump_config
 from launch.train import state as resume
 from launch.train.checkpoint import (
     MARKER,
@@ -42,12 +41,11 @@ from launch.train.checkpoint import (
     mark_ours,
     remove_ours,
 )
-from launch.train.collectives import Collectives, engine_device
+from launch.train.collectives import Collectives
 from launch.train.deepspeed_engine import (
     batch_layout,
     initialize,
     master_fragments,
-    select_device,
     select_precision,
 )
 from launch.train.distributed import (
@@ -101,13 +99,13 @@ class Trainer:
 
         self.cfg, t = cfg, cfg.train
         self.preempt = PreemptionFlag().install()  # early: SLURM may signal while we start up
-        self.device = select_device(t.device)
+        self.device = resolve_device(t.device, "train.device")
         self.precision = select_precision(t.precision, self.device)
         world = resolve_env().world_size
         self.micro, self.accum = batch_layout(t, world)  # a bad batch layout fails before any work
         self.env = init_distributed(self.device)
         self.rank, self.world = self.env.rank, self.env.world_size
-        self.collectives = Collectives(engine_device(self.device, self.env.local_rank))  # before any vote
+        self.collectives = Collectives(rank_device(self.device, self.env.local_rank))  # before any vote
         self.log = say if self.rank == 0 else (lambda *_: None)
         self.faults = Faults.from_env(self.rank)
         self.run_dir = cfg.run_dir
@@ -377,12 +375,3 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         raise
     finally:
         trainer.close()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="experiment YAML, e.g. configs/demo_cpu.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
-
-
-def run(args: argparse.Namespace) -> int:
-    return int(run_training(load_config(args.config, args.overrides))["exit_code"])

@@ -192,7 +192,7 @@ def train_step_figures(name: str, micro: int, device: str, tmp: Path, dry_run: b
                  *(TINY_MODEL if dry_run else []), f"output_root={tmp}",
                  f"name=gpu-check-{name.replace('/', '')}",
                  f"data.shards={shards}", "data.num_workers=2", f"train.global_batch={micro}",
-                 f"train.micro_batch={micro}", "train.max_steps=1000000", "train.sample_every=0",
+                 f"train.micro_batch={micro}", "train.max_steps=1000000", "grid.every=0",
                  "train.log_every=1000000", "train.resume=false", "tracking.enabled=false",
                  f"train.device={device}", f"train.precision={'bf16' if device == 'cuda' else 'fp32'}"]
     trainer = Trainer(load_config(None, overrides))

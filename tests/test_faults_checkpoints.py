@@ -87,7 +87,7 @@ def test_planted_extra_shard_never_runs_on_sample(run: Path, tmp_path: Path) -> 
     marker = tmp_path / "pwned"
     plant(run / "step-0000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", marker)
     out = ok(dimsum("sample", "--run", str(run), "--out", str(tmp_path / "samples"), "--vae", "pixels",
-                    "--count", "2", "--sampler", "euler", "--steps", "2", "--grid", "0"))
+                    "--count", "2", "sampler.method=euler", "sampler.steps=2", "--grid", "0"))
     assert not marker.exists()
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is not one of the files the ranks wrote" in out
 

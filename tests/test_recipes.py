@@ -35,7 +35,7 @@ def test_released_recipes(recipe: tuple) -> None:
     assert (cfg.model.input_size, cfg.model.in_channels) == (32, 4)
     t = cfg.train
     assert (t.global_batch, t.lr, t.grad_clip, t.weight_decay, t.warmup_steps) == (batch, lr, clip, 0.0, 0)
-    assert (t.path, t.ema_decay, cfg.deepspeed.zero_stage) == ("GVP", 0.9999, 2)
+    assert (cfg.objective.path, t.ema_decay, cfg.deepspeed.zero_stage) == ("GVP", 0.9999, 2)
     ds = deepspeed_config(cfg, world_size=8)
     assert ds["train_batch_size"] == batch and ds["zero_optimization"]["stage"] == 2
     assert ds["optimizer"]["params"]["weight_decay"] == 0.0 and "scheduler" not in ds  # constant LR

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from trainer_helpers import (
     torchrun,
 )
 
-from launch.generate.export import load_run_weights
+from launch.generate.weights import load_run_weights
 from launch.train.state import client_state
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -37,7 +38,10 @@ ZERO3 = ["deepspeed.zero_stage=3", "deepspeed.extra.zero_optimization.stage3_par
 
 
 # the ZeRO-2 runs also make EMA sample grids mid-run, which must not disturb the training RNG
-ZERO2 = ["deepspeed.zero_stage=2", "train.sample_every=4", "train.sample_count=4", "train.sample_steps=2"]
+ZERO2 = ["deepspeed.zero_stage=2", "grid.every=4", "grid.count=4", "grid.sampler.steps=2"]
+# the ZeRO-2 kill/resume matrix: the demo's DiMSUM under flow matching, and LaMamba-debug under DDPM
+RUNS = {"dimsum-flow": [], "lamamba-ddpm": ["model.name=LaMamba-debug", "model.patch_size=1",
+                                             "objective.kind=ddpm", "grid.sampler.method=ddpm"]}
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +50,24 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zero2_reference(root: Path, digits_shards: Path) -> Path:
-    ok(torchrun([*overrides(root, digits_shards, "z2-ref", max_steps=8), *ZERO2]))
-    assert (root / "z2-ref" / "samples" / "step-0000004.png").is_file()
-    return root / "z2-ref"
+def zero2_reference_of(root: Path, digits_shards: Path) -> Callable[[str], Path]:
+    """The uninterrupted 8-step ZeRO-2 run of one of :data:`RUNS`, made once per module."""
+    made: dict[str, Path] = {}
+
+    def reference(kind: str) -> Path:
+        if kind not in made:
+            name = "z2-ref" if kind == "dimsum-flow" else f"z2-ref-{kind}"
+            ok(torchrun([*overrides(root, digits_shards, name, max_steps=8), *ZERO2, *RUNS[kind]]))
+            assert (root / name / "samples" / "step-0000004.png").is_file()
+            made[kind] = root / name
+        return made[kind]
+
+    return reference
+
+
+@pytest.fixture(scope="module")
+def zero2_reference(zero2_reference_of: Callable[[str], Path]) -> Path:
+    return zero2_reference_of("dimsum-flow")
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +76,16 @@ def zero3_reference(root: Path, digits_shards: Path) -> Path:
     return root / "z3-ref"
 
 
+@pytest.mark.parametrize("kind", list(RUNS))
 def test_zero2_kill_and_resume_is_bit_exact_and_continues_the_mlflow_run(
-        root: Path, digits_shards: Path, zero2_reference: Path) -> None:
-    args = [*overrides(root, digits_shards, "z2-kill", tracking=True, max_steps=8), *ZERO2]
+        root: Path, digits_shards: Path, zero2_reference_of: Callable[[str], Path], kind: str) -> None:
+    zero2_reference = zero2_reference_of(kind)
+    name = "z2-kill" if kind == "dimsum-flow" else f"z2-kill-{kind}"
+    args = [*overrides(root, digits_shards, name, tracking=True, max_steps=8), *ZERO2, *RUNS[kind]]
     # the save at step 4 fails on rank 1 (disk full): removed, training goes on; rank 1 is killed at step 7
     killed = torchrun(args, faults="enospc_in_save@4:1,kill@7:1")
     assert killed.returncode != 0
-    run = root / "z2-kill"
+    run = root / name
     assert complete_steps(run) == [2, 6] and not (run / "step-0000004").exists()
     assert "No space left on device" in killed.stderr and "was NOT saved" in killed.stderr
     log = ok(torchrun(args))
@@ -207,8 +228,8 @@ def test_bad_config_fails_before_any_work_with_the_field_named(root: Path, digit
 def test_demo_command_end_to_end_smoke(tmp_path: Path) -> None:
     """``dimsum demo`` (the README's main job) with a 2-step budget: trains, samples, exports, explains."""
     args = [f"output_root={tmp_path}", f"data.shards={tmp_path / 'shards'}", "data.num_workers=0",
-            "train.global_batch=8", "train.max_steps=2", "train.ckpt_every=2", "train.sample_every=2",
-            "train.sample_count=4", "train.sample_steps=2"]
+            "train.global_batch=8", "train.max_steps=2", "train.ckpt_every=2", "grid.every=2",
+            "grid.count=4", "grid.sampler.steps=2"]
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "demo", *args], env=base_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
     out = ok(proc)

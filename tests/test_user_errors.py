@@ -80,7 +80,7 @@ class World:
         return ["train", CONFIG, f"output_root={self.tmp / 'runs'}",
                 f"data.shards={shards or self.clean_shards}", "tracking.enabled=false", "data.num_workers=0",
                 "train.max_steps=2", "train.global_batch=8", "train.ckpt_every=2", "train.log_every=1",
-                "train.sample_every=0", *overrides]
+                "grid.every=0", *overrides]
 
     def file(self, name: str, content: str | bytes) -> Path:
         path = self.tmp / name

@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 
 from data_pipeline.vae import VAEError
-from launch.generate.sample import SampleError, sample, sampler_config
+from dimsum.sampling import SamplerConfig
+from launch.config import apply_overrides
+from launch.generate.sample import SampleError, sample
 from launch.generate.weights import WeightsError
 
 INPUT_ERRORS = (SampleError, WeightsError, VAEError)  # reported in one line with exit code 1
@@ -29,12 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, help="number of samples (default: len(--labels) or 16)")
     parser.add_argument("--labels", default="random", help="'random', 'even' or a comma list of class ids")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
-    parser.add_argument("--sampler", choices=["dopri5", "euler", "heun", "sde"], default="dopri5")
-    parser.add_argument("--steps", type=int, default=50, help="steps for euler/heun/sde")
-    parser.add_argument("--atol", type=float, default=1e-6, help="dopri5 absolute tolerance")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="dopri5 relative tolerance")
-    parser.add_argument("--path", choices=["GVP", "Linear"], default="GVP", help="training path (SDE drift)")
-    parser.add_argument("--diffusion-norm", type=float, default=1.0, help="SDE noise scale")
+    parser.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                        help="sampler.* (SamplerConfig: method, steps, atol, rtol, diffusion_norm, eta), "
+                        "e.g. sampler.method=heun sampler.steps=30; objective.* for weights that lack it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16, help="samples per network batch, per process")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="network autocast")
@@ -52,9 +51,12 @@ def run(args: argparse.Namespace) -> int:
         raise SampleError(f"--batch-size: got {args.batch_size}; expected a positive integer")
     if args.out.exists() and not args.out.is_dir():
         raise SampleError(f"--out: {args.out} is an existing file; expected a directory (or a new path)")
-    sampler = sampler_config(args.sampler, steps=args.steps, atol=args.atol, rtol=args.rtol, path=args.path,
-                             diffusion_norm=args.diffusion_norm)
-    info = sample(args, sampler)
+    settings = apply_overrides({}, args.settings)
+    unknown = sorted(set(settings) - {"sampler", "objective"})
+    if unknown:
+        raise SampleError(f"{unknown[0]}: expected sampler.KEY=VALUE or objective.KEY=VALUE settings")
+    sampler = SamplerConfig.from_dict(settings.get("sampler", {}), "sampler")
+    info = sample(args, sampler, settings.get("objective", {}))
     if info is not None:
         print(json.dumps(info))
     return 0

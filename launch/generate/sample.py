@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from dimsum.devices import rank_device, resolve_device
+from dimsum.diffusion import Objective
 from dimsum.errors import UserError
-from dimsum.sampling import Sampler, SamplerConfig
-from dimsum.sampling import guided_prediction as guided_velocity
+from dimsum.sampling import Sampler, SamplerConfig, guided_prediction
+from launch.components import ObjectiveConfig
 from launch.generate import weights
 from launch.generate.images import save_grid, save_npz, to_uint8
 
@@ -67,12 +68,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def sample_batches(model: nn.Module, labels: torch.Tensor | None, indices: Sequence[int], *,
-                   sampler: SamplerConfig, cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 16,
+                   sampler: SamplerConfig, objective: Objective | None = None, cfg_scale: float = 1.0,
+                   seed: int = 0, batch_size: int = 16,
                    precision: str = "fp32") -> Iterator[tuple[Sequence[int], torch.Tensor, int]]:
-    """Yield (indices, samples (fp32, on the model device), NFE) per batch; ``labels`` follow ``indices``."""
+    """Yield (indices, samples (fp32, on the model device), NFE) per batch; ``labels`` follow ``indices``.
+    ``objective`` is what the model was trained with (None: flow matching on ``sampler.path``)."""
     cfg, device = model.cfg, model_device(model)
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    run = Sampler(sampler)
+    run = Sampler(sampler, objective)
+    guided = run.objective.guided_channels(cfg.in_channels)
     was_training = model.training
     model.eval()
     try:
@@ -80,16 +84,16 @@ def sample_batches(model: nn.Module, labels: torch.Tensor | None, indices: Seque
             batch = indices[start:start + batch_size]
             y = None if labels is None else labels[start:start + batch_size].to(device)
             noise = IndexedNoise(seed, batch, shape, device)
-            velocity = guided_velocity(model, y, cfg_scale, AUTOCAST[precision])
-            samples, nfe = run(velocity, noise(), noise=noise)
+            prediction = guided_prediction(model, y, cfg_scale, AUTOCAST[precision], guided)
+            samples, nfe = run(prediction, noise(), noise=noise)
             yield batch, samples, nfe
     finally:
         model.train(was_training)
 
 
 def generate(model: nn.Module, labels: torch.Tensor | None, *, num: int | None = None, cfg_scale: float = 1.0,
-             sampler: str | SamplerConfig = "dopri5", seed: int = 0, batch_size: int = 16,
-             precision: str = "fp32", **sampler_settings: Any) -> torch.Tensor:
+             sampler: str | SamplerConfig = "dopri5", objective: Objective | None = None, seed: int = 0,
+             batch_size: int = 16, precision: str = "fp32", **sampler_settings: Any) -> torch.Tensor:
     """Samples in the model's space (latents, or pixels in [-1, 1]) for ``labels`` (N,), or ``num``
     unconditional ones when ``labels`` is None. ``sampler_settings`` are SamplerConfig fields, e.g.
     ``generate(ema, labels, cfg_scale=4.0, sampler="euler", steps=50, seed=0)``."""
@@ -97,8 +101,9 @@ def generate(model: nn.Module, labels: torch.Tensor | None, *, num: int | None =
         raise ValueError("generate: pass class labels, or num for an unconditional model")
     n = len(labels) if labels is not None else num
     cfg = sampler_config(sampler, **sampler_settings)
-    out = [s.cpu() for _, s, _ in sample_batches(model, labels, range(n), sampler=cfg, cfg_scale=cfg_scale,
-                                                 seed=seed, batch_size=batch_size, precision=precision)]
+    out = [s.cpu() for _, s, _ in sample_batches(model, labels, range(n), sampler=cfg, objective=objective,
+                                                 cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+                                                 precision=precision)]
     return torch.cat(out)
 
 
@@ -157,36 +162,43 @@ def join_process_group(device: str) -> tuple[int, int, bool]:
     return 0, 1, created
 
 
-def load_model(args: argparse.Namespace, device: str) -> nn.Module:
+def load_model(args: argparse.Namespace, device: str,
+               objective_settings: Mapping[str, Any]) -> tuple[nn.Module, Objective]:
+    """The model from ``--weights``/``--released``/``--run`` and the objective it was trained with (from
+    the file or run; flow/GVP for a released DiMSUM), with ``objective.*`` settings applied on top."""
     if args.weights:
         cfg, state, source = *weights.load_exported(args.weights), str(args.weights)
+        objective = weights.exported_objective(args.weights)
     elif args.released:
         from launch.config import apply_overrides
 
         cfg, state = weights.load_released_checkpoint(args.released, args.which, args.model,
                                                       apply_overrides({}, args.model_set))
-        source = str(args.released)
+        source, objective = str(args.released), ObjectiveConfig()
     else:
-        cfg, state, source = *weights.load_run(args.run, args.step, args.which), str(args.run)
-    return weights.instantiate(cfg, state, source, device)
+        cfg, state, objective = weights.load_run(args.run, args.step, args.which)
+        source = str(args.run)
+    objective = ObjectiveConfig.from_dict({**objective.to_dict(), **objective_settings}, "objective").build()
+    return weights.instantiate(cfg, state, source, device, objective.out_channels(cfg.in_channels)), objective
 
 
-def sample(args: argparse.Namespace, sampler: SamplerConfig) -> dict[str, Any] | None:
+def sample(args: argparse.Namespace, sampler: SamplerConfig,
+           objective_settings: Mapping[str, Any]) -> dict[str, Any] | None:
     """Join the process group (if any) and sample; rank 0 returns what it wrote (``info.json``)."""
     device = resolve_device(args.device, "--device")
     rank, world, created = join_process_group(device)
     device = str(rank_device(device, int(os.environ.get("LOCAL_RANK", "0"))))
     try:
-        return sample_on_rank(args, sampler, device, rank, world)
+        return sample_on_rank(args, sampler, device, rank, world, objective_settings=objective_settings)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def sample_on_rank(args: argparse.Namespace, sampler: SamplerConfig, device: str, rank: int,
-                   world: int) -> dict[str, Any] | None:
+def sample_on_rank(args: argparse.Namespace, sampler: SamplerConfig, device: str, rank: int, world: int, *,
+                   objective_settings: Mapping[str, Any]) -> dict[str, Any] | None:
     """Load, sample this rank's contiguous block of indices, decode, merge on rank 0, write."""
-    model = load_model(args, device)
+    model, objective = load_model(args, device, objective_settings)
     broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if broken is not None:  # sampling would "succeed" and write a grid of garbage
         raise SampleError(f"the weights hold non-finite values (first: {broken!r}); they are from a diverged "
@@ -203,9 +215,10 @@ def sample_on_rank(args: argparse.Namespace, sampler: SamplerConfig, device: str
     my_labels = None if labels is None else labels[mine[0]:mine[-1] + 1] if mine else labels[:0]
 
     outputs, nfes, start = [], [], time.perf_counter()
-    bar = tqdm(total=len(mine), unit="img", desc=f"sampling ({args.sampler})", disable=rank != 0)
-    batches = sample_batches(model, my_labels, mine, sampler=sampler, cfg_scale=args.cfg_scale,
-                             seed=args.seed, batch_size=args.batch_size, precision=args.precision)
+    bar = tqdm(total=len(mine), unit="img", desc=f"sampling ({sampler.method})", disable=rank != 0)
+    batches = sample_batches(model, my_labels, mine, sampler=sampler, objective=objective,
+                             cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
+                             precision=args.precision)
     for _, samples, nfe in batches:
         outputs.append(samples.cpu().numpy() if args.latents_only else decode(samples, vae))
         nfes.append(nfe)

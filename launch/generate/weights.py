@@ -1,13 +1,23 @@
 """Build a ready-to-sample model from wherever its weights live.
 
-Three sources: an exported safetensors file (``dimsum export``; it carries its own ModelConfig in the
-metadata, so nothing has to be restated), a released DiMSUM checkpoint (converted to our names; the
-config is read off the tensor shapes, with the released behaviour switches), or a run directory.
+Three sources: an exported safetensors file (``dimsum export``; it carries its own ModelConfig and
+objective in the metadata, so nothing has to be restated), a released DiMSUM checkpoint (converted to
+our names; the config is read off the tensor shapes, with the released behaviour switches), or a run
+directory, whose checkpoints this module reads for the exporter, the sample grid and ``dimsum sample``.
+
+Only complete checkpoints whose checksums verify are read (launch/train/checkpoint.py: DeepSpeed's files
+are unpickled, so nothing else may be); without a step a damaged newest one is skipped, with a warning,
+for the newest intact one. Raw weights are consolidated from the ZeRO shards with DeepSpeed's
+``zero_to_fp32`` (any stage, no process group needed); the EMA from our per-rank shards, with frozen
+parameters and buffers (which the EMA does not track because they never change) taken from the raw ones.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,8 +28,13 @@ from torch import nn
 from dimsum.config import ConfigError
 from dimsum.errors import UserError
 from dimsum.models import ModelConfig, build_model
+from launch.components import ObjectiveConfig
+from launch.config import saved_config
+from launch.train.checkpoint import CheckpointManager, damage
+from launch.train.state import client_state, consolidate_ema
 
 CONFIG_METADATA_KEY = "dimsum_model_config"
+OBJECTIVE_METADATA_KEY = "dimsum_objective_config"
 
 
 class WeightsError(UserError, ValueError):
@@ -71,20 +86,85 @@ def load_released_checkpoint(path: str | Path, which: str = "ema", name: str | N
     return released_config(name, **{**sizes, **overrides}), state_dict
 
 
-def load_run(run_dir: str | Path, step: int | None = None, which: str = "ema") -> tuple[ModelConfig, dict]:
-    """(config, state dict) straight from a training run's checkpoint (the exporter's own reader)."""
-    from launch.generate.export import ExportError, load_run_weights
+def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
+    """The intact complete checkpoint of ``step`` (default: the newest intact one) in ``run_dir``."""
+    run_dir = Path(run_dir)
+    manager = CheckpointManager(run_dir, log=lambda _: None)
+    complete, _ = manager.scan()
+    if not complete:
+        raise WeightsError(f"{run_dir}: no complete checkpoint (step-NNNNNNN/ with a COMPLETE marker)")
+    if step is not None:
+        chosen = [c for c in complete if c.step == step]
+        if not chosen:
+            raise WeightsError(f"{run_dir}: no complete checkpoint at step {step}; "
+                              f"complete steps: {', '.join(str(c.step) for c in complete)}")
+        complete = chosen
+    problems = []
+    for ckpt in reversed(complete):
+        problem = damage(ckpt.path)
+        if problem is None:
+            for line in problems:
+                print(f"WARNING: {line}; using {ckpt.path.name} instead", file=sys.stderr, flush=True)
+            return ckpt.path
+        problems.append(f"checkpoint {ckpt.path} is damaged: {problem}")
+    raise WeightsError("; ".join(problems))
 
+
+def raw_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # chatty
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_run_weights(run_dir: str | Path, step: int | None = None,
+                     which: str = "ema") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, full fp32 state dict) of a run's checkpoint: ``which`` is "ema" or "raw"."""
+    return step_weights(checkpoint_dir(run_dir, step), which)
+
+
+def step_weights(step_dir: Path, which: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """:func:`load_run_weights` of one verified checkpoint directory."""
+    if which not in ("ema", "raw"):
+        raise WeightsError(f"which={which!r}: expected 'ema' or 'raw'")
+    info = client_state(step_dir)
+    model_cfg = ModelConfig.from_dict(info["config"]["model"], "model")
+    state = raw_weights(step_dir)
+    if which == "ema":
+        ema = consolidate_ema(step_dir)
+        unknown = sorted(ema.keys() - state.keys())
+        if unknown:
+            raise WeightsError(f"{step_dir}: EMA tensor {unknown[0]!r} is not a model parameter")
+        state.update(ema)
+    return model_cfg, state
+
+
+def load_run(run_dir: str | Path, step: int | None = None,
+             which: str = "ema") -> tuple[ModelConfig, dict[str, torch.Tensor], ObjectiveConfig]:
+    """(model config, state dict, objective) of a run's checkpoint; a config saved before the
+    ``objective:`` section existed reads as flow matching on the path it named (GVP by default)."""
+    step_dir = checkpoint_dir(run_dir, step)
+    return *step_weights(step_dir, which), saved_config(client_state(step_dir)["config"]).objective
+
+
+def exported_objective(path: str | Path) -> ObjectiveConfig:
+    """The objective an exported file was trained with (files exported before it was recorded: flow/GVP)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get(OBJECTIVE_METADATA_KEY)
     try:
-        return load_run_weights(run_dir, step=step, which=which)
-    except ExportError as err:
-        raise WeightsError(str(err)) from None
+        return ObjectiveConfig.from_dict(json.loads(text) if text else {}, OBJECTIVE_METADATA_KEY)
+    except (json.JSONDecodeError, ConfigError) as err:
+        raise WeightsError(f"{path}: invalid objective in the metadata: {err}") from None
 
 
 def instantiate(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], source: str,
-                device: str | torch.device = "cpu") -> nn.Module:
-    """Build ``cfg`` and load ``state_dict`` strictly: a missing or extra key is an error, never ignored."""
-    model = build_model(cfg)
+                device: str | torch.device = "cpu", out_channels: int | None = None) -> nn.Module:
+    """Build ``cfg`` (with the objective's ``out_channels``; None: the family's default) and load
+    ``state_dict`` strictly: a missing or extra key is an error, never ignored."""
+    model = build_model(cfg, out_channels)
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches

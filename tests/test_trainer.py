@@ -7,6 +7,7 @@ killed and resumed. Failures are injected with ``DIMSUM_FAULTS`` (see launch/tra
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from trainer_helpers import (
     assert_same_weights,
     base_env,
     complete_steps,
+    dimsum,
     free_port,
     ok,
     overrides,
@@ -106,6 +108,22 @@ def test_zero2_kill_and_resume_is_bit_exact_and_continues_the_mlflow_run(
     assert client.get_run(run_id).data.params["train.global_batch"] == "8"
     assert "images_per_s" in client.get_run(run_id).data.metrics
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step-0000008.png"]
+
+
+def test_a_checkpoint_written_before_the_refactor_resumes_bit_exact(tmp_path: Path,
+                                                                    digits_shards: Path) -> None:
+    """tests/fixtures/pre13b is a step-2 run directory written by main before issue 13 (its README has the
+    command): today's trainer resumes it to step 4 exactly as an uninterrupted run of today's code."""
+    shutil.copytree(REPO / "tests" / "fixtures" / "pre13b", tmp_path / "pre13b")
+    same = [f"output_root={tmp_path}", f"data.shards={digits_shards}", "data.num_workers=0",
+            "tracking.enabled=false", "train.global_batch=8", "train.max_steps=4", "train.ckpt_every=2",
+            "train.log_every=1", "grid.every=0", "train.ema_decay=0.5", "train.lr=1e-3",
+            "deepspeed.zero_stage=2", "model.hidden_size=32", "model.depth=2", "model.attn_heads=2",
+            "model.fusion_heads=2"]
+    log = ok(dimsum("train", str(CONFIG), *same, "name=pre13b"))
+    assert "resumed from step-0000002" in log and complete_steps(tmp_path / "pre13b") == [2, 4]
+    ok(dimsum("train", str(CONFIG), *same, "name=fresh"))
+    assert_same_weights(tmp_path / "fresh", tmp_path / "pre13b")
 
 
 def test_zero3_kill_during_save_resumes_from_previous_checkpoint_bit_exact(

@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(UPSTREAM_KERNEL_SOURCES) $(BIN)/pip install --quiet --no-deps --no-build-isolation \
 		"mamba-ssm==2.3.2.post1" "causal-conv1d==1.7.0"
-	$(BIN)/python -m launch.distributed --prebuild
+	$(BIN)/python -m launch.train.distributed --prebuild
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -5,7 +5,7 @@
 
 Sections (each records its own error and the others still run; the file is rewritten after each):
 
-* ``collectives``: ``launch.collectives.Collectives`` under a real one-rank NCCL group (no world-size
+* ``collectives``: ``launch.train.collectives.Collectives`` under a real one-rank NCCL group (no world-size
   shortcut exists), and whether the group rejects a CPU tensor, the crash the module prevents;
 * ``scan``: every backend that loads (torch; cuda when the compiled kernels load) against the float64
   loop, forward and every gradient with h0, then time and peak memory of one forward + backward at the
@@ -59,12 +59,13 @@ def peak_gib(device: str) -> float | None:
 def check_collectives(device: str, tmp: Path) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from launch.collectives import Collectives, engine_device
+    from dimsum.devices import rank_device
+    from launch.train.collectives import Collectives
 
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{tmp / 'pg'}", rank=0, world_size=1)
     try:
-        coll = Collectives(engine_device(device, torch.cuda.current_device() if device == "cuda" else 0))
+        coll = Collectives(rank_device(device, torch.cuda.current_device() if device == "cuda" else 0))
         out: dict[str, Any] = {"backend": backend, "device": str(coll.device),
                                "max_ok": coll.max([1.0, -2.0]) == [1.0, -2.0],
                                "mean_ok": coll.mean([3.0, 0.5]) == [3.0, 0.5],
@@ -179,8 +180,8 @@ def write_latent_shards(out: Path, samples: int, shape: tuple[int, int, int]) ->
 
 def train_step_figures(name: str, micro: int, device: str, tmp: Path, dry_run: bool) -> dict[str, Any]:
     from launch.config import load_config
-    from launch.metrics import device_peak_tflops
-    from launch.trainer import Trainer
+    from launch.train.metrics import device_peak_tflops
+    from launch.train.trainer import Trainer
 
     warmup, timed = (1, 2) if dry_run else (2, 5)
     size = 8 if dry_run else 32
@@ -191,7 +192,7 @@ def train_step_figures(name: str, micro: int, device: str, tmp: Path, dry_run: b
                  *(TINY_MODEL if dry_run else []), f"output_root={tmp}",
                  f"name=gpu-check-{name.replace('/', '')}",
                  f"data.shards={shards}", "data.num_workers=2", f"train.global_batch={micro}",
-                 f"train.micro_batch={micro}", "train.max_steps=1000000", "train.sample_every=0",
+                 f"train.micro_batch={micro}", "train.max_steps=1000000", "grid.every=0",
                  "train.log_every=1000000", "train.resume=false", "tracking.enabled=false",
                  f"train.device={device}", f"train.precision={'bf16' if device == 'cuda' else 'fp32'}"]
     trainer = Trainer(load_config(None, overrides))

@@ -37,11 +37,10 @@ from pathlib import Path
 import torch
 
 from data_pipeline.demo import build_digits_shards, digits_pixels
-from dimsum.diffusion.flow import Transport
 from dimsum.models import build_model
 from dimsum.ssm import scan
 from launch.config import load_config
-from launch.trainer import Trainer
+from launch.train.trainer import Trainer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
 
@@ -51,7 +50,7 @@ def bare_loop(cfg, batches: list[tuple[torch.Tensor, torch.Tensor]]):
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    transport = Transport(cfg.train.path, cfg.train.time_sampling)
+    transport = cfg.objective.build()
     index = 0
 
     def step() -> None:
@@ -135,7 +134,7 @@ def main() -> int:
     cfg = load_config(CONFIG, [f"output_root={tmp}", "name=bench", f"data.shards={tmp / 'shards'}",
                                "data.num_workers=1", f"train.global_batch={args.batch}",
                                "train.max_steps=1000000", f"train.log_every={args.log_every}",
-                               "train.sample_every=0"])
+                               "grid.every=0"])
     images, labels = digits_pixels()
     batches = [(torch.from_numpy(images[i:i + args.batch]).float(),
                 torch.from_numpy(labels[i:i + args.batch]).long())

@@ -36,6 +36,7 @@ from data_pipeline.preprocess import DecodedImages, collate, encode_with_flip
 from data_pipeline.shards import new_manifest, shard_name, write_json_atomic
 from data_pipeline.sources import SOURCES, Source, SourceError, open_source
 from data_pipeline.vae import VAEError, load_vae
+from dimsum.devices import rank_device, resolve_device
 from dimsum.errors import UserError
 
 
@@ -118,11 +119,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    return rank_device(resolve_device(name, "--device"), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _pin_settings(path: Path, settings: dict) -> None:

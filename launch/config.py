@@ -22,11 +22,12 @@ from data_pipeline.config import DataConfig
 from dimsum.config import Config, ConfigError
 from dimsum.models import ModelConfig
 from dimsum.models.dimsum.config import DiMSUMConfig
+from launch.components import GridConfig, ObjectiveConfig, migrate_deprecated
 
 
 @dataclasses.dataclass
 class TrainConfig(Config):
-    """Optimisation, objective, schedule of logs/checkpoints/sample grids, and the run's health limits."""
+    """Optimisation, schedule of logs and checkpoints, and the run's health limits."""
 
     global_batch: int = 32
     micro_batch: int = 0  # per rank and step; 0 means global_batch / world_size (no accumulation)
@@ -35,8 +36,6 @@ class TrainConfig(Config):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_steps: int = 1000
-    path: Literal["GVP", "Linear"] = "GVP"
-    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
     ema_decay: float = 0.9999
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -46,28 +45,20 @@ class TrainConfig(Config):
     milestone_every: int = 0
     resume: bool = True  # continue from the newest intact checkpoint of the run directory
     overwrite: bool = False  # with resume=false: delete the run directory's checkpoints and start over
-    sample_every: int = 0  # EMA sample grid from every checkpoint whose step is a multiple (0: never)
-    sample_count: int = 64
-    sample_steps: int = 50  # Euler steps of the grid's ODE sampler
-    sample_cfg_scale: float = 4.0
     max_nonfinite: int = 5
 
     def validate(self) -> None:
-        for field in ("global_batch", "max_steps", "log_every", "ckpt_every", "max_nonfinite", "sample_count",
-                      "sample_steps"):
+        for field in ("global_batch", "max_steps", "log_every", "ckpt_every", "max_nonfinite"):
             self.check(getattr(self, field) > 0, field, "expected a positive integer")
-        for field in ("micro_batch", "warmup_steps", "milestone_every", "sample_every"):
+        for field in ("micro_batch", "warmup_steps", "milestone_every"):
             self.check(getattr(self, field) >= 0, field, "expected >= 0")
-        for field in ("lr", "weight_decay", "grad_clip", "ema_decay", "sample_cfg_scale"):
+        for field in ("lr", "weight_decay", "grad_clip", "ema_decay"):
             self.check(math.isfinite(getattr(self, field)), field, "expected a finite number")
         self.check(self.lr > 0, "lr", "expected > 0")
         self.check(self.weight_decay >= 0, "weight_decay", "expected >= 0")
         self.check(self.grad_clip >= 0, "grad_clip", "expected >= 0 (0 disables clipping)")
         self.check(0.0 <= self.ema_decay < 1.0, "ema_decay", "expected 0 <= decay < 1")
         self.check(self.keep_last >= 2, "keep_last", "expected >= 2 (a newer checkpoint may be half-written)")
-        self.check(self.sample_every % self.ckpt_every == 0, "sample_every",
-                   f"expected a multiple of ckpt_every={self.ckpt_every} (grids are made from checkpoints)")
-        self.check(self.sample_cfg_scale >= 1.0, "sample_cfg_scale", "expected >= 1 (1 disables guidance)")
 
 
 @dataclasses.dataclass
@@ -144,7 +135,9 @@ class ExperimentConfig(Config):
     output_root: str = "checkpoints"
     model: ModelConfig = dataclasses.field(default_factory=DiMSUMConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    grid: GridConfig = dataclasses.field(default_factory=GridConfig)
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)
@@ -159,6 +152,24 @@ class ExperimentConfig(Config):
         root = Path(self.output_root)
         self.check(not (root.exists() and not root.is_dir()), "output_root",
                    "expected a directory (or a path to create); this is an existing file")
+        if self.grid.every % self.train.ckpt_every:
+            raise ConfigError("grid.every", self.grid.every, f"expected a multiple of train.ckpt_every="
+                              f"{self.train.ckpt_every} (grids are made from checkpoints)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str = "",
+                  renamed: Mapping[str, str] | None = None) -> ExperimentConfig:
+        """Old keys (``train.path``, ``train.sample_*``, see :data:`DEPRECATED_KEYS`) are read with a
+        warning; an error in a moved value still names the key as it was written (``renamed``: the
+        new keys already moved by the caller, and their old names)."""
+        data, moved = migrate_deprecated(data)
+        renamed = {**(renamed or {}), **moved}
+        try:
+            return super().from_dict(data, path)
+        except ConfigError as err:
+            if err.path in renamed:
+                raise ConfigError(renamed[err.path], err.value, err.allowed) from None
+            raise
 
     @property
     def run_dir(self) -> Path:
@@ -287,7 +298,7 @@ def compose_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[st
             merged = deep_merge(merged, {group: compose_yaml(group_file, including)})
         else:
             raise ConfigError(f"{path}:defaults", entry, "expected 'file' or '{group: file}' entries")
-    return deep_merge(merged, data)
+    return deep_merge(merged, migrate_deprecated(data)[0])  # an old key in a file loses to a newer file's
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -308,7 +319,13 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
     """The validated experiment: YAML (with defaults) + dotted overrides. Raises :class:`ConfigError`."""
     data = compose_yaml(path) if path is not None else {}
-    return ExperimentConfig.from_dict(apply_overrides(data, overrides))
+    top, renamed = migrate_deprecated(apply_overrides({}, overrides))  # an old key given here still wins
+    return ExperimentConfig.from_dict(deep_merge(data, top), renamed=renamed)
+
+
+def saved_config(data: Mapping[str, Any]) -> ExperimentConfig:
+    """A run's saved config (``config.yaml``, a checkpoint's copy); old keys are read without a warning."""
+    return ExperimentConfig.from_dict(migrate_deprecated(data, warn=False)[0])
 
 
 def dump_config(cfg: Config) -> str:
@@ -346,7 +363,8 @@ def check_resume_config(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
     if not path.is_file():
         return []
     saved = parse_yaml(path.read_text())
-    changes = config_changes(saved if isinstance(saved, Mapping) else {}, cfg.to_dict())
+    saved = migrate_deprecated(saved, warn=False)[0] if isinstance(saved, Mapping) else {}
+    changes = config_changes(saved, cfg.to_dict())
     model = [c for c in changes if c.startswith("model.")]
     if model:
         raise ConfigError("model", cfg.model.name, f"the run {run_dir} was trained with another model; "

@@ -14,11 +14,11 @@
 #   DIMSUM_LOG_DIR       task logs, one file per job and restart (default: $DIMSUM_ROOT/slurm/logs)
 #   DIMSUM_MAX_REQUEUES  stop requeueing after this many restarts (default: 20)
 
-DIMSUM_REQUEUE_EXIT_CODE=75  # launch.preemption.REQUEUE_EXIT_CODE
+DIMSUM_REQUEUE_EXIT_CODE=75  # launch.train.preemption.REQUEUE_EXIT_CODE
 
 log() { echo "[dimsum $(date +%H:%M:%S)] $*"; }
 
-# Must agree with launch.distributed.slurm_master_port (the submitit path and tests use that one).
+# Must agree with launch.train.distributed.slurm_master_port (the submitit path and tests use that one).
 dimsum_master_port() { echo $((20000 + SLURM_JOB_ID % 10000)); }
 
 # The first allocated node's NodeAddr: on clusters it is the host name, on the local test cluster 127.0.0.1.

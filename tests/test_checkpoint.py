@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import checkpoint
-from launch.checkpoint import MARKER, OURS, POINTER, CheckpointManager, atomic_write_text, mark_ours
+from launch.train import checkpoint
+from launch.train.checkpoint import MARKER, OURS, POINTER, CheckpointManager, atomic_write_text, mark_ours
 
 
 class Group:

@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launch.collectives import Collectives, engine_device
+from dimsum.devices import rank_device
+from launch.train.collectives import Collectives
 
 REPO = Path(__file__).resolve().parents[1]
-# Every torch.distributed call that takes a tensor; only launch/collectives.py may make them.
+# Every torch.distributed call that takes a tensor; only launch/train/collectives.py may make them.
 TENSOR_COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter",
                       "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single", "gather",
                       "scatter", "send", "recv", "isend", "irecv"}
@@ -34,7 +35,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     dist.all_reduce = spy
     try:
-        coll = Collectives(engine_device("cpu", rank))
+        coll = Collectives(rank_device("cpu", rank))
         result = {"max": coll.max([float(rank), 1.0 - rank, -3.0]), "mean": coll.mean([float(rank), 4.0]),
                   "all_true_mixed": coll.all_true(rank == 0), "all_true_all": coll.all_true(True),
                   "bound": str(coll.device)}
@@ -66,9 +67,10 @@ def test_without_a_group_values_pass_through_on_the_bound_device() -> None:
     coll.barrier()
 
 
-def test_engine_device_is_the_local_gpu() -> None:
-    assert engine_device("cuda", 3) == torch.device("cuda", 3)
-    assert engine_device("cpu", 3) == torch.device("cpu")
+def test_rank_device_is_the_local_gpu() -> None:
+    assert rank_device("cuda", 3) == torch.device("cuda", 3)
+    assert rank_device("cpu", 3) == torch.device("cpu")
+    assert rank_device("cuda:1", 3) == torch.device("cuda", 1)  # an explicit index is kept
 
 
 def _distributed_calls(path: Path) -> list[str]:
@@ -85,10 +87,10 @@ def _distributed_calls(path: Path) -> list[str]:
 
 def test_no_collective_tensor_is_built_outside_launch_collectives() -> None:
     files = sorted((REPO / "launch").rglob("*.py"))
-    assert REPO / "launch" / "collectives.py" in files
+    assert REPO / "launch" / "train" / "collectives.py" in files
     offenders = [call for f in files if f.name != "collectives.py" for call in _distributed_calls(f)]
-    assert offenders == [], "use launch.collectives.Collectives instead: " + "; ".join(offenders)
-    assert _distributed_calls(REPO / "launch" / "collectives.py")  # the check does see the real call
+    assert offenders == [], "use launch.train.collectives.Collectives instead: " + "; ".join(offenders)
+    assert _distributed_calls(REPO / "launch" / "train" / "collectives.py")  # the check sees the real call
 
 
 @pytest.mark.cuda
@@ -100,7 +102,7 @@ def test_collectives_under_a_one_rank_nccl_group(tmp_path: Path) -> None:
     try:
         with pytest.raises(RuntimeError):
             dist.all_reduce(torch.zeros(1))
-        coll = Collectives(engine_device("cuda", torch.cuda.current_device()))
+        coll = Collectives(rank_device("cuda", torch.cuda.current_device()))
         assert coll.max([1.0, 2.0]) == [1.0, 2.0] and coll.mean([3.0]) == [3.0] and coll.all_true(True)
         coll.barrier()
     finally:

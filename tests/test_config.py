@@ -10,7 +10,10 @@ import pytest
 import yaml
 
 from dimsum.config import ConfigError
-from launch.config import ExperimentConfig, dump_config, load_config
+from launch.config import ExperimentConfig, dump_config, load_config, saved_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DEMO = REPO / "configs" / "demo_cpu.yaml"
 
 
 @pytest.fixture()
@@ -134,3 +137,28 @@ def test_config_changes_name_every_differing_field() -> None:
     new = {"model": {"depth": 2, "scan_order": "zigzag-8"}, "train": {"lr": 2.0, "warmup_steps": 5}}
     assert config_changes(saved, new) == ["model.scan_order: 'sweep-4' -> 'zigzag-8'", "train.lr: 1.0 -> 2.0",
                                           "train.warmup_steps: (absent) -> 5"]
+
+
+def test_objective_and_grid_sections_and_their_deprecated_aliases() -> None:
+    cfg = load_config(CONFIG_DEMO, ["objective.kind=ddpm", "grid.sampler.method=ddpm"])
+    assert cfg.objective.options() == {"timesteps": 1000} and cfg.grid.sampler.method == "ddpm"
+    with pytest.warns(FutureWarning) as warned:
+        old = load_config(CONFIG_DEMO, ["train.sample_steps=3", "train.path=Linear"])
+    assert sorted(str(w.message) for w in warned) == [
+        "config: train.path is deprecated; use objective.path",
+        "config: train.sample_steps is deprecated; use grid.sampler.steps"]
+    assert (old.grid.sampler.steps, old.grid.sampler.method, old.objective.path) == (3, "euler", "Linear")
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match=r"^train\.path: got 'SBDM'"):
+        load_config(CONFIG_DEMO, ["train.path=SBDM"])
+    with pytest.raises(ConfigError, match=r"objective\.path: got 'Linear'; not an option of objective"):
+        load_config(CONFIG_DEMO, ["objective.kind=ddpm", "objective.path=Linear"])
+    with pytest.raises(ConfigError, match=r"grid\.every: got 3; expected a multiple of train\.ckpt_every"):
+        load_config(CONFIG_DEMO, ["grid.every=3"])
+
+
+def test_a_config_saved_before_the_sections_loads_as_flow_on_its_path() -> None:
+    saved = yaml.safe_load((REPO / "tests" / "fixtures" / "pre13b" / "config.yaml").read_text())
+    assert "objective" not in saved and "sample_every" in saved["train"]
+    cfg = saved_config(saved)
+    assert (cfg.objective.kind, cfg.objective.path, cfg.grid.every, cfg.grid.count) == ("flow", "GVP", 0, 80)
+    assert cfg.grid.sampler.method == "euler"

@@ -18,7 +18,7 @@ from dimsum.models.dimsum.released import (
     released_haar_filters,
     to_released,
 )
-from launch.released import load_released
+from launch.generate.released import load_released
 
 SPEC = Path("/work/shared/spec")
 RELEASED = {

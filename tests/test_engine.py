@@ -10,11 +10,11 @@ import pytest
 
 from dimsum.config import ConfigError
 from launch.config import load_config
-from launch.distributed import resolve_env, slurm_master_port
-from launch.engine import batch_layout, deepspeed_config, select_precision
-from launch.faults import Faults, parse
-from launch.metrics import StepMeter
-from launch.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from launch.train.deepspeed_engine import batch_layout, deepspeed_config, select_precision
+from launch.train.distributed import resolve_env, slurm_master_port
+from launch.train.faults import Faults, parse
+from launch.train.metrics import StepMeter
+from launch.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 
 
 def cfg(*overrides: str):

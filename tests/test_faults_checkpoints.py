@@ -18,7 +18,7 @@ import pytest
 import torch
 from trainer_helpers import REPO, base_env, complete_steps, dimsum, ok, overrides
 
-from launch.checkpoint import OURS
+from launch.train.checkpoint import OURS
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 CONFIG = "configs/demo_cpu.yaml"
@@ -87,7 +87,7 @@ def test_planted_extra_shard_never_runs_on_sample(run: Path, tmp_path: Path) -> 
     marker = tmp_path / "pwned"
     plant(run / "step-0000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", marker)
     out = ok(dimsum("sample", "--run", str(run), "--out", str(tmp_path / "samples"), "--vae", "pixels",
-                    "--count", "2", "--sampler", "euler", "--steps", "2", "--grid", "0"))
+                    "--count", "2", "sampler.method=euler", "sampler.steps=2", "--grid", "0"))
     assert not marker.exists()
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is not one of the files the ranks wrote" in out
 
@@ -106,8 +106,8 @@ def test_planted_file_with_valid_checksums_is_refused_by_the_safe_loader(run: Pa
 
 
 def dimsum_seal(step: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.checkpoint", "seal", str(step)], env=base_env(),
-                          capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    return subprocess.run([sys.executable, "-m", "launch.train.checkpoint", "seal", str(step)],
+                          env=base_env(), capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
 
 
 def truncate(step: Path) -> str:
@@ -184,7 +184,7 @@ def test_checkpoint_without_checksums_is_refused_until_sealed(run: Path, referen
     proc = dimsum("train", CONFIG, *overrides(run.parent, reference[1], run.name, max_steps=6))
     assert proc.returncode == 2
     assert f"written without checksums (before dimsum verified checkpoints); if you trust this directory, " \
-           f"run 'python -m launch.checkpoint seal {run / 'step-0000004'}'" in proc.stderr
+           f"run 'python -m launch.train.checkpoint seal {run / 'step-0000004'}'" in proc.stderr
     ok(dimsum_seal(run / "step-0000004"))
     assert "resumed from step-0000004" in resume(run, reference[1])
 

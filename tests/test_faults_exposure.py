@@ -65,6 +65,6 @@ def test_single_rank_train_listens_on_loopback_only(tmp_path: Path, digits_shard
 def test_demo_ranks_listen_on_loopback_only(tmp_path: Path, digits_shards: Path) -> None:
     cmd = [sys.executable, "-m", "launch.cli", "demo", f"output_root={tmp_path}", "name=run",
            f"data.shards={digits_shards}", "data.num_workers=0", "tracking.enabled=false",
-           "train.global_batch=8", "train.max_steps=2", "train.ckpt_every=2", "train.sample_every=0"]
+           "train.global_batch=8", "train.max_steps=2", "train.ckpt_every=2", "grid.every=0"]
     found = listeners_while_paused(cmd, tmp_path, ranks=2)
     assert found and all(address.startswith(LOOPBACK) for address in found), found

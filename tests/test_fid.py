@@ -19,8 +19,8 @@ from scipy import linalg
 from torch import nn
 
 from launch.cli import main
-from launch.evaluate import INCEPTION_FILE, FeatureStats, frechet_distance
-from launch.images import npz_batches
+from launch.generate.fid import INCEPTION_FILE, FeatureStats, frechet_distance
+from launch.generate.images import npz_batches
 
 
 def spd(dim: int, rng: np.random.Generator, rank: int | None = None) -> np.ndarray:

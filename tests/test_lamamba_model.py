@@ -17,7 +17,7 @@ from dimsum.models.lamamba import flops as lamamba_flops
 from dimsum.models.lamamba.released import config_from_state_dict, from_released, to_released
 from dimsum.ssm import ss2d
 from dimsum.ssm.scan import sequential_scan
-from launch.commands.models import model_rows
+from launch.cli.models import model_rows
 
 SPEC = Path("/work/shared/spec")  # as tests/test_convert.py
 RELEASED = {256: {}, 512: {"input_size": 64}}

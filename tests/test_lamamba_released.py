@@ -24,8 +24,8 @@ from test_sample_cli import export, randomised
 from dimsum.models import build_model, model_config
 from dimsum.models.lamamba.released import to_released
 from launch.cli import main
-from launch.released import read_checkpoint
-from launch.weights import WeightsError, instantiate, load_released_checkpoint
+from launch.generate.released import read_checkpoint
+from launch.generate.weights import WeightsError, instantiate, load_released_checkpoint
 
 
 class CfgNode(dict):
@@ -118,8 +118,6 @@ def test_a_planted_pickle_in_a_released_file_never_runs(tmp_path: Path, capsys) 
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="dimsum sample takes sampler.method=ddpm with the sampler wiring of "
-                   "branch i13b; remove this mark when it is merged")
 def test_dimsum_sample_released_lamamba_with_the_ddpm_sampler(released, tmp_path: Path) -> None:
     path, _, ema = released
     export(ema, tmp_path / "ema.safetensors")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.metrics import peak_for_name
+from launch.train.metrics import peak_for_name
 
 
 @pytest.mark.parametrize(("name", "peak"), [

@@ -11,17 +11,12 @@ import yaml
 
 from dimsum.models import count_parameters
 from launch.cli import main
-from launch.config import ExperimentConfig, compose_yaml, load_config
-from launch.engine import deepspeed_config
+from launch.config import compose_yaml, load_config
+from launch.train.deepspeed_engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-# The experiment config's objective and sample-grid sections come with branch i13b. Until it is merged,
-# recipes that use them cannot validate: their full load is xfail(strict), so the merge must drop this.
-PENDING_SECTIONS = ("objective", "grid")
-PENDING = pytest.mark.xfail(strict=True, reason="needs the objective:/grid: sections of branch i13b")
-RECIPES = [pytest.param(p, marks=PENDING) if set(PENDING_SECTIONS) & set(compose_yaml(p)) else p
-           for p in sorted(CONFIGS.glob("*.yaml")) if p.name != "base.yaml"]
+RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -44,7 +39,7 @@ def test_released_recipes(recipe: tuple) -> None:
     assert (cfg.model.input_size, cfg.model.in_channels) == (32, 4)
     t = cfg.train
     assert (t.global_batch, t.lr, t.grad_clip, t.weight_decay, t.warmup_steps) == (batch, lr, clip, 0.0, 0)
-    assert (t.path, t.ema_decay, cfg.deepspeed.zero_stage) == ("GVP", 0.9999, 2)
+    assert (cfg.objective.path, t.ema_decay, cfg.deepspeed.zero_stage) == ("GVP", 0.9999, 2)
     ds = deepspeed_config(cfg, world_size=8)
     assert ds["train_batch_size"] == batch and ds["zero_optimization"]["stage"] == 2
     assert ds["optimizer"]["params"]["weight_decay"] == 0.0 and "scheduler" not in ds  # constant LR
@@ -62,17 +57,11 @@ def test_demo_runs_on_two_cpu_ranks_with_the_digits_model() -> None:
     assert deepspeed_config(cfg, world_size=2)["train_micro_batch_size_per_gpu"] * 2 == cfg.train.global_batch
 
 
-def _without_pending(name: str) -> tuple[ExperimentConfig, dict]:
-    """(the recipe validated without the pending sections, the composed YAML with them)."""
-    data = compose_yaml(CONFIGS / f"{name}.yaml")
-    return ExperimentConfig.from_dict({k: v for k, v in data.items() if k not in PENDING_SECTIONS}), data
-
-
 @pytest.mark.parametrize("recipe", [("imagenet_lamamba_xl", 32, 32, 1, 652_484_648),
                                     ("imagenet_lamamba_xl512", 64, 16, 2, 653_467_688)], ids=lambda r: r[0])
 def test_lamamba_recipes_state_the_released_set_up(recipe: tuple) -> None:
     name, side, micro, accum, params = recipe
-    cfg, data = _without_pending(name)
+    cfg, data = load_config(CONFIGS / f"{name}.yaml"), compose_yaml(CONFIGS / f"{name}.yaml")
     m, t = cfg.model, cfg.train
     assert (m.family, m.name, m.input_size, m.in_channels, m.num_classes, m.label_dropout) == \
         ("lamamba", "LaMamba-Diff-XL", side, 4, 1000, 0.1)

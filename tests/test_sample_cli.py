@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from dimsum.models import ModelConfig, build_model, model_config
 from dimsum.models.dimsum.released import released_config, to_released
 from launch.cli import main
-from launch.sample import generate
-from launch.weights import CONFIG_METADATA_KEY, WeightsError, instantiate, load_exported
+from launch.generate.sample import generate
+from launch.generate.weights import CONFIG_METADATA_KEY, WeightsError, instantiate, load_exported
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +73,8 @@ def pixel_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sample_writes_grid_and_adm_npz_through_the_vae(latent_weights, tiny_vae_dir, tmp_path) -> None:
     out = tmp_path / "samples"
     code = main(["sample", "--weights", str(latent_weights), "--vae", str(tiny_vae_dir), "--out", str(out),
-                 "--count", "3", "--labels", "even", "--cfg-scale", "2.0", "--sampler", "euler",
-                 "--steps", "1", "--batch-size", "3", "--npz-min", "0", "--grid", "4"])
+                 "--count", "3", "--labels", "even", "--cfg-scale", "2.0", "sampler.method=euler",
+                 "sampler.steps=1", "--batch-size", "3", "--npz-min", "0", "--grid", "4"])
     assert code == 0
     with np.load(out / "samples_3x64x64x3.npz") as data:
         images, labels = data["arr_0"], data["arr_1"]
@@ -107,14 +107,14 @@ def test_latents_only_and_pixel_space(small_weights, pixel_weights, tmp_path) ->
     out = tmp_path / "latents"
     assert main(["sample", "--weights", str(small_weights), "--vae", str(tmp_path / "no-vae-here"),
                  "--latents-only", "--out", str(out), "--labels", "7,2", "--count", "3",
-                 "--sampler", "euler", "--steps", "1"]) == 0
+                 "sampler.method=euler", "sampler.steps=1"]) == 0
     with np.load(out / "latents.npz") as data:
         assert data["latents"].dtype == np.float32 and data["latents"].shape == (3, 4, 8, 8)
         assert data["labels"].tolist() == [7, 2, 7]
     assert not (out / "grid.png").exists()
     out = tmp_path / "pixels"
     assert main(["sample", "--weights", str(pixel_weights), "--vae", "pixels", "--out", str(out),
-                 "--count", "4", "--sampler", "sde", "--steps", "2", "--npz-min", "4"]) == 0
+                 "--count", "4", "sampler.method=sde", "sampler.steps=2", "--npz-min", "4"]) == 0
     with np.load(out / "samples_4x16x16x3.npz") as data:
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (4, 16, 16, 3)
         assert "arr_1" not in data  # unconditional: no labels
@@ -143,7 +143,7 @@ def test_released_checkpoint_samples_like_its_export(tmp_path) -> None:
     torch.save({"model": to_released(raw.state_dict()), "ema": to_released(model.state_dict())},
                tmp_path / "released.pt")
     export(model, tmp_path / "same.safetensors")
-    common = ["--latents-only", "--count", "2", "--labels", "1,2", "--sampler", "euler", "--steps", "1"]
+    common = ["--latents-only", "--count", "2", "--labels", "1,2", "sampler.method=euler", "sampler.steps=1"]
     outs = {}
     for name, source in {"released": ["--released", str(tmp_path / "released.pt")],
                          "raw": ["--released", str(tmp_path / "released.pt"), "--which", "raw"],
@@ -165,7 +165,7 @@ def test_unconditional_model_rejects_class_labels(pixel_weights, tmp_path, capsy
 @pytest.mark.multiprocess
 def test_torchrun_two_ranks_match_one_process(dit_weights, tmp_path) -> None:
     args = ["--weights", str(dit_weights), "--latents-only", "--count", "5", "--labels", "random",
-            "--sampler", "heun", "--steps", "1", "--batch-size", "2", "--cfg-scale", "3"]
+            "sampler.method=heun", "sampler.steps=1", "--batch-size", "2", "--cfg-scale", "3"]
     assert main(["sample", *args, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(

@@ -3,7 +3,7 @@
 Covers the cluster script itself, the real sbatch recipe with the real trainer (2 nodes x 1 CPU task,
 gloo, DeepSpeed ZeRO-2, MLflow): an uninterrupted run, and a run preempted with USR2 that saves, exits 75,
 is requeued and resumes to bit-identical weights and EMA in the same MLflow run; the same through
-launch.submit and submitit; cancellation; validation before submission. A stand-in for the trainer
+launch.cluster.submit and submitit; cancellation; validation before submission. A stand-in for the trainer
 checks the rank/rendezvous plumbing in seconds.
 """
 
@@ -36,10 +36,10 @@ from slurm_helpers import (
 from trainer_helpers import assert_same_weights, complete_steps, overrides
 
 from dimsum.config import ConfigError
+from launch.cluster.submit import slurm_minutes, submit, submit_task
 from launch.config import ExperimentConfig
-from launch.distributed import slurm_master_port
-from launch.resume import client_state
-from launch.submit import slurm_minutes, submit, submit_task
+from launch.train.distributed import slurm_master_port
+from launch.train.state import client_state
 
 # The job processes import this module's helpers by value: tests/ is not on their sys.path.
 cloudpickle.register_pickle_by_value(slurm_helpers)
@@ -258,7 +258,7 @@ def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
 def test_submit_trains_is_interrupted_requeues_and_resumes_bit_exact(
         slurm_cluster: LocalCluster, digits_shards: Path, reference: RecipeRun, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """launch.submit of the same tiny recipe through submitit; job._interrupt() as on preemption."""
+    """launch.cluster.submit of the same tiny recipe through submitit; job._interrupt() as on preemption."""
     release = tmp_path / "release"
     monkeypatch.setenv("DIMSUM_FAULTS", PAUSE)  # sbatch exports the submitting environment to the job
     monkeypatch.setenv("DIMSUM_FAULTS_RELEASE", str(release))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launch.tracking import MLflowTracker, embedded_uri, flatten, make_tracker
+from launch.train.tracking import MLflowTracker, embedded_uri, flatten, make_tracker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_training_logs_to_a_real_server_and_finishes_when_it_dies(tmp_path: Path
          f"output_root={tmp_path}", "name=served", f"data.shards={tmp_path / 'shards'}",
          "data.num_workers=0",
          "train.global_batch=4", "train.max_steps=8", "train.log_every=1", "train.ckpt_every=4",
-         "train.sample_every=0", f"tracking.uri={uri}", "tracking.experiment=served",
+         "grid.every=0", f"tracking.uri={uri}", "tracking.experiment=served",
          "tracking.flush_timeout=3"],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = MlflowClient(uri)

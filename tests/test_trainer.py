@@ -2,16 +2,18 @@
 
 Runs are tiny (DiMSUM-debug on 16x16 digits, 4 images per rank, a handful of steps) and shared between
 assertions: one uninterrupted reference run per ZeRO stage is compared bit for bit with a run that is
-killed and resumed. Failures are injected with ``DIMSUM_FAULTS`` (see launch/faults.py).
+killed and resumed. Failures are injected with ``DIMSUM_FAULTS`` (see launch/train/faults.py).
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,14 +24,15 @@ from trainer_helpers import (
     assert_same_weights,
     base_env,
     complete_steps,
+    dimsum,
     free_port,
     ok,
     overrides,
     torchrun,
 )
 
-from launch.export import load_run_weights
-from launch.resume import client_state
+from launch.generate.weights import load_run_weights
+from launch.train.state import client_state
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 # every parameter partitioned (the debug model's tensors are all below the default persistence threshold)
@@ -37,7 +40,10 @@ ZERO3 = ["deepspeed.zero_stage=3", "deepspeed.extra.zero_optimization.stage3_par
 
 
 # the ZeRO-2 runs also make EMA sample grids mid-run, which must not disturb the training RNG
-ZERO2 = ["deepspeed.zero_stage=2", "train.sample_every=4", "train.sample_count=4", "train.sample_steps=2"]
+ZERO2 = ["deepspeed.zero_stage=2", "grid.every=4", "grid.count=4", "grid.sampler.steps=2"]
+# the ZeRO-2 kill/resume matrix: the demo's DiMSUM under flow matching, and LaMamba-debug under DDPM
+RUNS = {"dimsum-flow": [], "lamamba-ddpm": ["model.name=LaMamba-debug", "model.patch_size=1",
+                                             "objective.kind=ddpm", "grid.sampler.method=ddpm"]}
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +52,24 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zero2_reference(root: Path, digits_shards: Path) -> Path:
-    ok(torchrun([*overrides(root, digits_shards, "z2-ref", max_steps=8), *ZERO2]))
-    assert (root / "z2-ref" / "samples" / "step-0000004.png").is_file()
-    return root / "z2-ref"
+def zero2_reference_of(root: Path, digits_shards: Path) -> Callable[[str], Path]:
+    """The uninterrupted 8-step ZeRO-2 run of one of :data:`RUNS`, made once per module."""
+    made: dict[str, Path] = {}
+
+    def reference(kind: str) -> Path:
+        if kind not in made:
+            name = "z2-ref" if kind == "dimsum-flow" else f"z2-ref-{kind}"
+            ok(torchrun([*overrides(root, digits_shards, name, max_steps=8), *ZERO2, *RUNS[kind]]))
+            assert (root / name / "samples" / "step-0000004.png").is_file()
+            made[kind] = root / name
+        return made[kind]
+
+    return reference
+
+
+@pytest.fixture(scope="module")
+def zero2_reference(zero2_reference_of: Callable[[str], Path]) -> Path:
+    return zero2_reference_of("dimsum-flow")
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +78,16 @@ def zero3_reference(root: Path, digits_shards: Path) -> Path:
     return root / "z3-ref"
 
 
+@pytest.mark.parametrize("kind", list(RUNS))
 def test_zero2_kill_and_resume_is_bit_exact_and_continues_the_mlflow_run(
-        root: Path, digits_shards: Path, zero2_reference: Path) -> None:
-    args = [*overrides(root, digits_shards, "z2-kill", tracking=True, max_steps=8), *ZERO2]
+        root: Path, digits_shards: Path, zero2_reference_of: Callable[[str], Path], kind: str) -> None:
+    zero2_reference = zero2_reference_of(kind)
+    name = "z2-kill" if kind == "dimsum-flow" else f"z2-kill-{kind}"
+    args = [*overrides(root, digits_shards, name, tracking=True, max_steps=8), *ZERO2, *RUNS[kind]]
     # the save at step 4 fails on rank 1 (disk full): removed, training goes on; rank 1 is killed at step 7
     killed = torchrun(args, faults="enospc_in_save@4:1,kill@7:1")
     assert killed.returncode != 0
-    run = root / "z2-kill"
+    run = root / name
     assert complete_steps(run) == [2, 6] and not (run / "step-0000004").exists()
     assert "No space left on device" in killed.stderr and "was NOT saved" in killed.stderr
     log = ok(torchrun(args))
@@ -85,6 +108,22 @@ def test_zero2_kill_and_resume_is_bit_exact_and_continues_the_mlflow_run(
     assert client.get_run(run_id).data.params["train.global_batch"] == "8"
     assert "images_per_s" in client.get_run(run_id).data.metrics
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step-0000008.png"]
+
+
+def test_a_checkpoint_written_before_the_refactor_resumes_bit_exact(tmp_path: Path,
+                                                                    digits_shards: Path) -> None:
+    """tests/fixtures/pre13b is a step-2 run directory written by main before issue 13 (its README has the
+    command): today's trainer resumes it to step 4 exactly as an uninterrupted run of today's code."""
+    shutil.copytree(REPO / "tests" / "fixtures" / "pre13b", tmp_path / "pre13b")
+    same = [f"output_root={tmp_path}", f"data.shards={digits_shards}", "data.num_workers=0",
+            "tracking.enabled=false", "train.global_batch=8", "train.max_steps=4", "train.ckpt_every=2",
+            "train.log_every=1", "grid.every=0", "train.ema_decay=0.5", "train.lr=1e-3",
+            "deepspeed.zero_stage=2", "model.hidden_size=32", "model.depth=2", "model.attn_heads=2",
+            "model.fusion_heads=2"]
+    log = ok(dimsum("train", str(CONFIG), *same, "name=pre13b"))
+    assert "resumed from step-0000002" in log and complete_steps(tmp_path / "pre13b") == [2, 4]
+    ok(dimsum("train", str(CONFIG), *same, "name=fresh"))
+    assert_same_weights(tmp_path / "fresh", tmp_path / "pre13b")
 
 
 def test_zero3_kill_during_save_resumes_from_previous_checkpoint_bit_exact(
@@ -207,8 +246,8 @@ def test_bad_config_fails_before_any_work_with_the_field_named(root: Path, digit
 def test_demo_command_end_to_end_smoke(tmp_path: Path) -> None:
     """``dimsum demo`` (the README's main job) with a 2-step budget: trains, samples, exports, explains."""
     args = [f"output_root={tmp_path}", f"data.shards={tmp_path / 'shards'}", "data.num_workers=0",
-            "train.global_batch=8", "train.max_steps=2", "train.ckpt_every=2", "train.sample_every=2",
-            "train.sample_count=4", "train.sample_steps=2"]
+            "train.global_batch=8", "train.max_steps=2", "train.ckpt_every=2", "grid.every=2",
+            "grid.count=4", "grid.sampler.steps=2"]
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "demo", *args], env=base_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
     out = ok(proc)

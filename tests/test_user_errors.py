@@ -36,7 +36,7 @@ from shard_helpers import (
 )
 
 from dimsum.models import build_model, model_config
-from launch.weights import CONFIG_METADATA_KEY
+from launch.generate.weights import CONFIG_METADATA_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 DIMSUM = [sys.executable, "-m", "launch.cli"]
@@ -80,7 +80,7 @@ class World:
         return ["train", CONFIG, f"output_root={self.tmp / 'runs'}",
                 f"data.shards={shards or self.clean_shards}", "tracking.enabled=false", "data.num_workers=0",
                 "train.max_steps=2", "train.global_batch=8", "train.ckpt_every=2", "train.log_every=1",
-                "train.sample_every=0", *overrides]
+                "grid.every=0", *overrides]
 
     def file(self, name: str, content: str | bytes) -> Path:
         path = self.tmp / name
@@ -303,7 +303,7 @@ def test_skipped_samples_are_counted_per_window_in_mlflow_and_totalled(tmp_path:
                                                                       digits_shards: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from launch.tracking import saved_run_id
+    from launch.train.tracking import saved_run_id
 
     world = World(tmp_path, digits_shards, {})
     shards = world.shards(every_shard(lambda f, i: rewrite_block(f, i, 0, with_array("latent.npy",
@@ -347,7 +347,7 @@ def test_ranks_die_with_a_killed_torchrun_agent(tmp_path: Path) -> None:
     """kill -9 of the agent: its ranks (their own session, so no signal reaches them) must not live on."""
     script = tmp_path / "rank.py"
     script.write_text(f"""import os, time
-from launch.distributed import die_with_launcher
+from launch.train.distributed import die_with_launcher
 die_with_launcher()
 open(os.path.join({str(tmp_path)!r}, "ready-" + os.environ["RANK"]), "w").close()
 time.sleep(300)

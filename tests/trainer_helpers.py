@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from launch.checkpoint import CheckpointManager
-from launch.export import load_run_weights
+from launch.generate.weights import load_run_weights
+from launch.train.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo_cpu.yaml"
@@ -55,9 +55,10 @@ def overrides(root: Path, shards: Path, name: str, tracking: bool = False, worke
               **train: object) -> list[str]:
     """Dotted overrides for a tiny run ``root/name`` on the digits ``shards`` (8 images per step)."""
     settings = {"global_batch": 8, "max_steps": 6, "ckpt_every": 2, "log_every": 1, "ema_decay": 0.5,
-                "sample_every": 0, "lr": 1e-3, **train}
+                "lr": 1e-3, **train}
     return [f"output_root={root}", f"name={name}", f"data.shards={shards}", f"data.num_workers={workers}",
-            f"tracking.enabled={str(tracking).lower()}", *(f"train.{k}={v}" for k, v in settings.items())]
+            f"tracking.enabled={str(tracking).lower()}", "grid.every=0",
+            *(f"train.{k}={v}" for k, v in settings.items())]
 
 
 def complete_steps(run_dir: Path) -> list[int]:

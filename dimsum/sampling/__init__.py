@@ -17,12 +17,13 @@ from torch import Tensor
 
 from dimsum.diffusion import Objective, Transport
 from dimsum.diffusion.objective import ModelFn
-from dimsum.sampling.config import SAMPLERS, SamplerConfig, Solver
+from dimsum.sampling.config import DEFAULT_STEPS, SAMPLERS, SamplerConfig, Solver
 from dimsum.sampling.ddpm import ddim, ddpm
 from dimsum.sampling.guidance import cfg_combine, guided_prediction
 from dimsum.sampling.solvers import euler_maruyama, ode
 
 SAMPLERS.update({"dopri5": ode, "euler": ode, "heun": ode, "sde": euler_maruyama, "ddpm": ddpm, "ddim": ddim})
+DEFAULT_STEPS.update({"ddpm": 250, "ddim": 250})
 
 __all__ = ["SAMPLERS", "Sampler", "SamplerConfig", "Solver", "cfg_combine", "guided_prediction"]
 

@@ -14,8 +14,9 @@ from dimsum.diffusion.objective import ModelFn, Objective
 
 @dataclasses.dataclass
 class SamplerConfig(Config):
-    """How to integrate. ``steps`` is for euler/heun/sde, and the respaced chain length of ddpm/ddim
-    (250 in the DiT and LaMamba-Diff releases); ``atol``/``rtol`` for dopri5.
+    """How to integrate. ``steps`` is for euler/heun/sde, and the respaced chain length of ddpm/ddim;
+    unset, it is the method's :data:`DEFAULT_STEPS` (250 for ddpm/ddim, as in the DiT and LaMamba-Diff
+    releases), else 50. ``atol``/``rtol`` are for dopri5.
 
     ``path`` only matters for the SDE sampler (its drift depends on the path the model was trained on);
     ``diffusion_norm`` scales the SDE's noise (0 turns it into the Euler ODE sampler). ``eta`` is DDIM's
@@ -24,13 +25,17 @@ class SamplerConfig(Config):
     """
 
     method: str = "dopri5"
-    steps: int = 50
+    steps: int | None = None
     atol: float = 1e-6
     rtol: float = 1e-3
     path: Literal["GVP", "Linear"] = "GVP"
     diffusion_norm: float = 1.0
     eta: float = 0.0
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps is None:
+            self.steps = DEFAULT_STEPS.get(self.method, 50)
 
     def validate(self) -> None:
         self.check(self.method in SAMPLERS, "method", "expected one of " + ", ".join(map(repr, SAMPLERS)))
@@ -44,3 +49,4 @@ class SamplerConfig(Config):
 # (cfg, objective, model_fn, x0, noise) -> x1: integrate from noise at t = 0 to a sample at t = 1.
 Solver = Callable[[SamplerConfig, Objective, ModelFn, Tensor, Callable[[], Tensor]], Tensor]
 SAMPLERS: dict[str, Solver] = {}
+DEFAULT_STEPS: dict[str, int] = {}  # a method's steps when the config leaves them unset (else 50)

@@ -1,4 +1,4 @@
-"""Released DiMSUM checkpoints <-> our state dicts (spec §6); reading the files is ``launch.released``.
+"""Released DiMSUM checkpoints <-> our state dicts (spec §6); ``launch.generate.released`` reads the files.
 
 Our module names say what the released ones abbreviate (``fusion.qkv_spatial`` for ``proj.qkv1``, ...);
 everything else is named as released. Every key must match a known prefix, so a state dict of another

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from dimsum.ema import EMA
-from launch.checkpoint import CheckpointError
-from launch.engine import parameter_shapes, save_checkpoint, write_errors_as_oserror
+from launch.train.checkpoint import CheckpointError
+from launch.train.deepspeed_engine import parameter_shapes, save_checkpoint, write_errors_as_oserror
 
 CLIENT_KEY = "dimsum"
 

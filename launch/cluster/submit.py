@@ -2,11 +2,11 @@
 
 The config is validated before anything is submitted. Each task exports RANK / LOCAL_RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT (the same scheme as slurm/common.sh) and calls
-``launch.trainer.run_training(cfg)``.
+``launch.train.trainer.run_training(cfg)``.
 
 Preemption and timeout: submitit asks SLURM for USR2 on every task ``signal_delay_s`` before the end.
 The trainer catches it, all ranks save collectively and the trainer ends with
-``launch.preemption.REQUEUE_EXIT_CODE``; rank 0 then hands over to the handler submitit installed, which
+``launch.train.preemption.REQUEUE_EXIT_CODE``; rank 0 then hands over to the handler submitit installed, which
 dumps the (unchanged) submission and runs ``scontrol requeue``. The job restarts and auto-resumes.
 :meth:`DistributedTask.checkpoint` therefore never saves: submitit calls it on rank 0 alone, and
 saving is collective.
@@ -14,7 +14,6 @@ saving is collective.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -28,7 +27,7 @@ import submitit
 
 from dimsum.config import ConfigError
 from launch.config import ExperimentConfig, load_config
-from launch.preemption import REQUEUE_EXIT_CODE
+from launch.train.preemption import REQUEUE_EXIT_CODE
 
 SIGNAL_DELAY_S = 120  # same lead time as `--signal=B:USR2@120` in the sbatch recipes
 
@@ -67,7 +66,7 @@ def slurm_minutes(time: str) -> int:
 
 def export_distributed_env() -> dict[str, str]:
     """Export the torch.distributed env:// variables for this task from submitit's job environment."""
-    from launch.distributed import slurm_master_port
+    from launch.train.distributed import slurm_master_port
 
     env = submitit.JobEnvironment()
     job_id = os.environ.get("SLURM_JOB_ID") or re.sub(r"\D", "", env.job_id)  # local/debug: a pid or id
@@ -165,7 +164,7 @@ def submit_task(
 def _train(cfg: ExperimentConfig) -> dict[str, Any]:
     """The task body: the trainer's summary, or SystemExit(75) once it saved after a signal. Imports the
     trainer (DeepSpeed, torch) only inside the job."""
-    from launch.trainer import run_training
+    from launch.train.trainer import run_training
 
     summary = run_training(cfg)
     if summary["exit_code"] == REQUEUE_EXIT_CODE:
@@ -216,24 +215,3 @@ def submit(
         partition=launch.partition, time=launch.time, max_requeues=launch.max_requeues,
         name=f"dimsum-{cfg.name}", **slurm_kwargs,
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML, e.g. configs/imagenet_l2.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides; the cluster shape is launch.*, "
-                        "e.g. launch.nodes=4 launch.partition=gpu")
-    parser.add_argument("--folder", type=Path, help="submitit folder (default: <run_dir>/submitit/%%j)")
-    parser.add_argument("--wait", action="store_true", help="block until the job ends and report its outcome")
-
-
-def run(args: argparse.Namespace) -> int:
-    job = submit(args.config, args.overrides, folder=args.folder)
-    first = job.task(0)
-    print(f"submitted job {job.job_id} ({job.num_tasks} task(s))")
-    print(f"  stdout (rank 0): {first.paths.stdout}")
-    print(f"  stderr (rank 0): {first.paths.stderr}")
-    if not args.wait:
-        return 0
-    error = job.exception()
-    print(f"job {job.job_id} finished: {job.state}" + (f"\n{error}" if error else ""))
-    return 1 if error else 0

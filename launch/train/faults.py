@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from launch.engine import disk_full
+from launch.train.deepspeed_engine import disk_full
 
 KINDS = ("kill", "kill_in_save", "enospc_in_save", "signal_in_save", "nan", "pause")
 

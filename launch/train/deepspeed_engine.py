@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from dimsum.config import ConfigError
@@ -23,14 +22,6 @@ from launch.config import ExperimentConfig, TrainConfig, deep_merge
 
 RESERVED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                     "optimizer", "gradient_clipping", "bf16", "fp16")
-
-
-def select_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", requested, "CUDA is not available on this machine; use cpu or auto")
-    return requested
 
 
 def select_precision(requested: str, device: str) -> str:

@@ -6,7 +6,7 @@ scripts, submitit) > SLURM's own task variables > one process on this machine. T
 and only then is ``deepspeed.init_distributed`` called (never the pdsh/ssh launcher).
 
 DeepSpeed JIT-compiles a shared-memory comm op on every process start when it is not cached (30-60 s on
-CPU). :func:`extensions_dir` keeps that cache inside the virtualenv, and ``python -m launch.distributed
+CPU). :func:`extensions_dir` keeps that cache inside the virtualenv, and ``python -m launch.train.distributed
 --prebuild`` fills it once at install time.
 """
 
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from dimsum.devices import rank_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,7 @@ def resolve_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
         raise RuntimeError(f"rank {rank} is outside world size {world}")
     if world > 1 and "MASTER_ADDR" not in environ:
         raise RuntimeError("MASTER_ADDR is not set for a multi-process job; the launcher (torchrun, "
-                           "slurm/*.sbatch, launch.submit) must export the first host's address")
+                           "slurm/*.sbatch, launch.cluster.submit) must export the first host's address")
     if "MASTER_PORT" in environ:
         port = _int(environ, "MASTER_PORT")
     elif "SLURM_JOB_ID" in environ:
@@ -108,23 +110,29 @@ def extensions_dir() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix) / "torch_extensions")
 
 
-def init_distributed(device: str) -> DistEnv:
-    """Export the resolved variables, then start the default process group (NCCL on GPU, gloo on CPU)."""
+def init_distributed(device: str, *, with_deepspeed: bool = True) -> DistEnv:
+    """The one way a process joins its job (trainer and sampler): export the resolved variables, then start
+    the default process group, NCCL on GPU and gloo on CPU. Under torchrun the agent hosts the store and
+    the group is created from ``env://``; otherwise the ranks meet at :func:`rendezvous_store`.
+    ``with_deepspeed`` hands the group to DeepSpeed (which creates it itself under torchrun)."""
     env = resolve_env()
     env.export()
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
-    if device == "cuda":
-        torch.cuda.set_device(env.local_rank)
-    import deepspeed
-
-    backend = "nccl" if device == "cuda" else "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(rank_device(device, env.local_rank))
+    backend = "nccl" if device.startswith("cuda") else "gloo"
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # torchrun's agent hosts the store itself
         bound = {}  # eager NCCL set-up on this rank's device, as DeepSpeed's own init would do
-        if device == "cuda" and env.world_size > 1:
-            bound["device_id"] = torch.device("cuda", env.local_rank)
+        if device.startswith("cuda") and env.world_size > 1:
+            bound["device_id"] = rank_device(device, env.local_rank)
         dist.init_process_group(backend, store=rendezvous_store(env), rank=env.rank,
                                 world_size=env.world_size, **bound)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group
+    elif not with_deepspeed:
+        dist.init_process_group(backend)
+    if with_deepspeed:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the group
     return env
 
 

@@ -20,11 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from launch.checkpoint import OURS, RunDirError, is_ours
 from launch.config import load_config
-from launch.distributed import resolve_env
+from launch.train.checkpoint import OURS, RunDirError, is_ours
+from launch.train.distributed import resolve_env
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if code:
         print(f"dimsum demo: training exited with code {code}", file=sys.stderr)
         return code
-    from launch.export import export
+    from launch.generate.export import export
 
     weights = export(run_dir)
     grids = sorted((run_dir / "samples").glob("*.png"))

@@ -13,9 +13,8 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from dimsum.devices import rank_device, resolve_device
+from dimsum.diffusion import Objective
 from dimsum.errors import UserError
-from dimsum.sampling import Sampler, SamplerConfig
-from dimsum.sampling import guided_prediction as guided_velocity
-from launch import weights
-from launch.images import save_grid, save_npz, to_uint8
+from dimsum.sampling import Sampler, SamplerConfig, guided_prediction
+from launch.components import ObjectiveConfig
+from launch.generate import weights
+from launch.generate.images import save_grid, save_npz, to_uint8
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -67,12 +68,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def sample_batches(model: nn.Module, labels: torch.Tensor | None, indices: Sequence[int], *,
-                   sampler: SamplerConfig, cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 16,
+                   sampler: SamplerConfig, objective: Objective | None = None, cfg_scale: float = 1.0,
+                   seed: int = 0, batch_size: int = 16,
                    precision: str = "fp32") -> Iterator[tuple[Sequence[int], torch.Tensor, int]]:
-    """Yield (indices, samples (fp32, on the model device), NFE) per batch; ``labels`` follow ``indices``."""
+    """Yield (indices, samples (fp32, on the model device), NFE) per batch; ``labels`` follow ``indices``.
+    ``objective`` is what the model was trained with (None: flow matching on ``sampler.path``)."""
     cfg, device = model.cfg, model_device(model)
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    run = Sampler(sampler)
+    run = Sampler(sampler, objective)
+    guided = run.objective.guided_channels(cfg.in_channels)
     was_training = model.training
     model.eval()
     try:
@@ -80,16 +84,16 @@ def sample_batches(model: nn.Module, labels: torch.Tensor | None, indices: Seque
             batch = indices[start:start + batch_size]
             y = None if labels is None else labels[start:start + batch_size].to(device)
             noise = IndexedNoise(seed, batch, shape, device)
-            velocity = guided_velocity(model, y, cfg_scale, AUTOCAST[precision])
-            samples, nfe = run(velocity, noise(), noise=noise)
+            prediction = guided_prediction(model, y, cfg_scale, AUTOCAST[precision], guided)
+            samples, nfe = run(prediction, noise(), noise=noise)
             yield batch, samples, nfe
     finally:
         model.train(was_training)
 
 
 def generate(model: nn.Module, labels: torch.Tensor | None, *, num: int | None = None, cfg_scale: float = 1.0,
-             sampler: str | SamplerConfig = "dopri5", seed: int = 0, batch_size: int = 16,
-             precision: str = "fp32", **sampler_settings: Any) -> torch.Tensor:
+             sampler: str | SamplerConfig = "dopri5", objective: Objective | None = None, seed: int = 0,
+             batch_size: int = 16, precision: str = "fp32", **sampler_settings: Any) -> torch.Tensor:
     """Samples in the model's space (latents, or pixels in [-1, 1]) for ``labels`` (N,), or ``num``
     unconditional ones when ``labels`` is None. ``sampler_settings`` are SamplerConfig fields, e.g.
     ``generate(ema, labels, cfg_scale=4.0, sampler="euler", steps=50, seed=0)``."""
@@ -97,8 +101,9 @@ def generate(model: nn.Module, labels: torch.Tensor | None, *, num: int | None =
         raise ValueError("generate: pass class labels, or num for an unconditional model")
     n = len(labels) if labels is not None else num
     cfg = sampler_config(sampler, **sampler_settings)
-    out = [s.cpu() for _, s, _ in sample_batches(model, labels, range(n), sampler=cfg, cfg_scale=cfg_scale,
-                                                 seed=seed, batch_size=batch_size, precision=precision)]
+    out = [s.cpu() for _, s, _ in sample_batches(model, labels, range(n), sampler=cfg, objective=objective,
+                                                 cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+                                                 precision=precision)]
     return torch.cat(out)
 
 
@@ -143,100 +148,63 @@ def resolve_labels(spec: str, count: int | None, model: nn.Module,
     return torch.randint(cfg.num_classes, (count,), generator=torch.Generator().manual_seed(seed)), count
 
 
-def init_distributed(device: str) -> tuple[int, int, bool]:
+def join_process_group(device: str) -> tuple[int, int, bool]:
     """(rank, world, created): an existing process group, a new one from launcher variables (torchrun,
     srun), or a single process. ``created`` says whether we own the group and must destroy it."""
     created = False
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from launch.distributed import resolve_env
+        from launch.train.distributed import init_distributed
 
-        resolve_env().export()
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        init_distributed(device, with_deepspeed=False)
         created = True
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), created
     return 0, 1, created
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", type=Path, help="safetensors file from 'dimsum export'")
-    src.add_argument("--released", type=Path, help="released DiMSUM checkpoint (.pt/.bin/.safetensors, dir)")
-    src.add_argument("--run", type=Path, help="training run directory (EMA weights of the latest step)")
-    parser.add_argument("--step", type=int, help="with --run: this checkpoint step instead of the latest")
-    parser.add_argument("--which", choices=["ema", "raw"], default="ema", help="EMA or raw (trained) weights")
-    parser.add_argument("--model", help="with --released: registry size, e.g. DiMSUM-L/2 (default: by shape)")
-    parser.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --released: override a model config field (repeatable)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--count", type=int, help="number of samples (default: len(--labels) or 16)")
-    parser.add_argument("--labels", default="random", help="'random', 'even' or a comma list of class ids")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
-    parser.add_argument("--sampler", choices=["dopri5", "euler", "heun", "sde"], default="dopri5")
-    parser.add_argument("--steps", type=int, default=50, help="steps for euler/heun/sde")
-    parser.add_argument("--atol", type=float, default=1e-6, help="dopri5 absolute tolerance")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="dopri5 relative tolerance")
-    parser.add_argument("--path", choices=["GVP", "Linear"], default="GVP", help="training path (SDE drift)")
-    parser.add_argument("--diffusion-norm", type=float, default=1.0, help="SDE noise scale")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16, help="samples per network batch, per process")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="network autocast")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
-                        help="diffusers AutoencoderKL dir or hub id; 'pixels' for pixel-space models")
-    parser.add_argument("--latents-only", action="store_true", help="skip decoding; write latents.npz")
-    parser.add_argument("--grid", type=int, default=64, help="images in grid.png (0: no grid)")
-    parser.add_argument("--npz-min", type=int, default=1000,
-                        help="write the ADM-style samples .npz when count >= this (0: always)")
+# What each family's released checkpoints were trained with: DiMSUM flow matching on the GVP path,
+# LaMamba-Diff DiT's Gaussian diffusion with learned sigma.
+RELEASED_OBJECTIVES = {"dimsum": ObjectiveConfig(), "lamamba": ObjectiveConfig(kind="ddpm")}
 
 
-def load_model(args: argparse.Namespace, device: str) -> nn.Module:
+def load_model(args: argparse.Namespace, device: str,
+               objective_settings: Mapping[str, Any]) -> tuple[nn.Module, Objective]:
+    """The model from ``--weights``/``--released``/``--run`` and the objective it was trained with (from
+    the file or run; for released weights, the objective of their paper), with ``objective.*`` settings
+    applied on top."""
     if args.weights:
         cfg, state, source = *weights.load_exported(args.weights), str(args.weights)
+        objective = weights.exported_objective(args.weights)
     elif args.released:
         from launch.config import apply_overrides
 
         cfg, state = weights.load_released_checkpoint(args.released, args.which, args.model,
                                                       apply_overrides({}, args.model_set))
-        source = str(args.released)
+        source, objective = str(args.released), RELEASED_OBJECTIVES[cfg.family]
     else:
-        cfg, state, source = *weights.load_run(args.run, args.step, args.which), str(args.run)
-    return weights.instantiate(cfg, state, source, device)
+        cfg, state, objective = weights.load_run(args.run, args.step, args.which)
+        source = str(args.run)
+    objective = ObjectiveConfig.from_dict({**objective.to_dict(), **objective_settings}, "objective").build()
+    return weights.instantiate(cfg, state, source, device, objective.out_channels(cfg.in_channels)), objective
 
 
-def run(args: argparse.Namespace) -> int:
-    from data_pipeline.vae import VAEError
-
+def sample(args: argparse.Namespace, sampler: SamplerConfig,
+           objective_settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Join the process group (if any) and sample; rank 0 returns what it wrote (``info.json``)."""
+    device = resolve_device(args.device, "--device")
+    rank, world, created = join_process_group(device)
+    device = str(rank_device(device, int(os.environ.get("LOCAL_RANK", "0"))))
     try:
-        return sample(args)
-    except (SampleError, weights.WeightsError, VAEError) as err:
-        print(f"dimsum sample: {err}", file=sys.stderr)
-        return 1
-
-
-def sample(args: argparse.Namespace) -> int:
-    """The command's body: check the options, join the process group (if any), sample."""
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if args.batch_size <= 0:
-        raise SampleError(f"--batch-size: got {args.batch_size}; expected a positive integer")
-    if args.out.exists() and not args.out.is_dir():
-        raise SampleError(f"--out: {args.out} is an existing file; expected a directory (or a new path)")
-    sampler = sampler_config(args.sampler, steps=args.steps, atol=args.atol, rtol=args.rtol, path=args.path,
-                             diffusion_norm=args.diffusion_norm)
-    rank, world, created = init_distributed(device)
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    try:
-        return sample_on_rank(args, sampler, device, rank, world)
+        return sample_on_rank(args, sampler, device, rank, world, objective_settings=objective_settings)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def sample_on_rank(args: argparse.Namespace, sampler: SamplerConfig, device: str, rank: int,
-                   world: int) -> int:
+def sample_on_rank(args: argparse.Namespace, sampler: SamplerConfig, device: str, rank: int, world: int, *,
+                   objective_settings: Mapping[str, Any]) -> dict[str, Any] | None:
     """Load, sample this rank's contiguous block of indices, decode, merge on rank 0, write."""
-    model = load_model(args, device)
+    model, objective = load_model(args, device, objective_settings)
     broken = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if broken is not None:  # sampling would "succeed" and write a grid of garbage
         raise SampleError(f"the weights hold non-finite values (first: {broken!r}); they are from a diverged "
@@ -253,9 +221,10 @@ def sample_on_rank(args: argparse.Namespace, sampler: SamplerConfig, device: str
     my_labels = None if labels is None else labels[mine[0]:mine[-1] + 1] if mine else labels[:0]
 
     outputs, nfes, start = [], [], time.perf_counter()
-    bar = tqdm(total=len(mine), unit="img", desc=f"sampling ({args.sampler})", disable=rank != 0)
-    batches = sample_batches(model, my_labels, mine, sampler=sampler, cfg_scale=args.cfg_scale,
-                             seed=args.seed, batch_size=args.batch_size, precision=args.precision)
+    bar = tqdm(total=len(mine), unit="img", desc=f"sampling ({sampler.method})", disable=rank != 0)
+    batches = sample_batches(model, my_labels, mine, sampler=sampler, objective=objective,
+                             cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
+                             precision=args.precision)
     for _, samples, nfe in batches:
         outputs.append(samples.cpu().numpy() if args.latents_only else decode(samples, vae))
         nfes.append(nfe)
@@ -268,10 +237,9 @@ def sample_on_rank(args: argparse.Namespace, sampler: SamplerConfig, device: str
     if rank == 0:
         info = write_outputs(args, merged, labels, sampler=sampler, nfes=all_nfes, seconds=seconds,
                              world=world)
-        print(json.dumps(info))
     if world > 1:
         dist.barrier()
-    return 0
+    return info if rank == 0 else None
 
 
 def merge_ranks(part: np.ndarray, nfes: list[int], out: Path, rank: int,

@@ -39,8 +39,8 @@ def peak_for_name(name: str) -> float | None:
 
 @functools.cache
 def _note_unknown_device(name: str) -> None:
-    warnings.warn(f"no bf16 peak known for '{name}' (launch/metrics.py BF16_PEAK_TFLOPS): logging TFLOP/s "
-                  f"without MFU", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"no bf16 peak known for '{name}' (launch/train/metrics.py BF16_PEAK_TFLOPS): "
+                  f"logging TFLOP/s without MFU", RuntimeWarning, stacklevel=3)
 
 
 def device_peak_tflops(device: str) -> float | None:
@@ -64,8 +64,9 @@ def peak_memory_gib(device: str) -> float:
 class StepMeter:
     """Accumulates step and data-wait times between two log lines and turns them into rates."""
 
-    def __init__(self, model_cfg: ModelConfig, global_batch: int, world_size: int, device: str) -> None:
-        self.train_flops_per_image = 3 * 2 * forward_gmacs(model_cfg) * 1e9
+    def __init__(self, model_cfg: ModelConfig, global_batch: int, world_size: int, device: str,
+                 out_channels: int | None = None) -> None:
+        self.train_flops_per_image = 3 * 2 * forward_gmacs(model_cfg, out_channels) * 1e9
         self.global_batch, self.world_size, self.device = global_batch, world_size, device
         self.peak = device_peak_tflops(device)
         self.steps, self.step_time, self.data_time = 0, 0.0, 0.0

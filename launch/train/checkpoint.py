@@ -45,7 +45,7 @@ MARKER = "COMPLETE"
 POINTER = "latest"
 OURS = ".dimsum"  # "created by dimsum": the only directories dimsum ever deletes
 FILE_LISTS = "sha256-rank-*.json"
-LEGACY_HINT = "python -m launch.checkpoint seal"
+LEGACY_HINT = "python -m launch.train.checkpoint seal"
 
 
 class CheckpointError(UserError):

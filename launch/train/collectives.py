@@ -17,11 +17,6 @@ import torch
 import torch.distributed as dist
 
 
-def engine_device(device: str, local_rank: int) -> torch.device:
-    """The device this rank trains on: its own GPU (``cuda:LOCAL_RANK``), or the CPU."""
-    return torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
-
-
 class Collectives:
     """Element-wise max/mean over ranks, an all-ranks vote and a barrier, bound to one device.
 

@@ -13,19 +13,18 @@ never scored against stale statistics.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dimsum.devices import resolve_device
 from dimsum.errors import UserError
-from launch.images import iter_images, npz_batches
+from launch.generate.images import iter_images, npz_batches
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
@@ -147,45 +146,22 @@ def sample_resolution(samples: Path) -> int | None:
     return None if first is None else first.shape[1]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("metric", choices=["fid"], help="what to compute")
-    parser.add_argument("samples", type=Path, help="generated images: ADM .npz (arr_0) or an image folder")
-    parser.add_argument("--ref", type=Path, required=True,
-                        help="reference: image folder / class folders / LMDB / .npz of images or of mu+sigma")
-    parser.add_argument("--inception", type=Path, default=None,
-                        help=f"local {INCEPTION_FILE} (default: $DIMSUM_INCEPTION or ~/.cache/dimsum/)")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="center-crop folder images to this size (default: the samples' size)")
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "dimsum" / "fid",
-                        help="where reference statistics are cached")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        return evaluate(args)
-    except (FIDError, ValueError) as err:
-        print(f"dimsum eval {args.metric}: {err}", file=sys.stderr)
-        return 1
-
-
-def evaluate(args: argparse.Namespace) -> int:
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    inception = args.inception or default_inception_path()
-    for name, path in (("samples", args.samples), ("--ref", args.ref)):
+def fid(samples: Path, ref: Path, *, inception: Path | None = None, resolution: int | None = None,
+        cache_dir: Path, batch_size: int = 50, device: str = "auto") -> dict:
+    """FID of ``samples`` against ``ref`` (reference statistics cached in ``cache_dir``)."""
+    device = resolve_device(device, "--device")
+    inception = inception or default_inception_path()
+    for name, path in (("samples", samples), ("--ref", ref)):
         if not path.exists():
             raise FIDError(f"{name}: {path} does not exist")
-    resolution = args.resolution or sample_resolution(args.samples)
-    if resolution is None and not (args.samples.suffix == ".npz" and args.ref.suffix == ".npz"):
+    resolution = resolution or sample_resolution(samples)
+    if resolution is None and not (samples.suffix == ".npz" and ref.suffix == ".npz"):
         raise FIDError("image folders need --resolution (the size to center-crop to); it is only implied "
                        "when the samples are an .npz")
     network = load_inception(inception, device)
-    mu_ref, sigma_ref, origin = reference_statistics(args.ref, network, inception, cache_dir=args.cache_dir,
-                                                     batch_size=args.batch_size, resolution=resolution,
+    mu_ref, sigma_ref, origin = reference_statistics(ref, network, inception, cache_dir=cache_dir,
+                                                     batch_size=batch_size, resolution=resolution,
                                                      device=device)
-    mu, sigma, n = image_statistics(args.samples, network, args.batch_size, resolution, device)
-    result = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "samples": str(args.samples),
-              "num_samples": int(n), "reference": origin}
-    print(json.dumps(result))
-    return 0
+    mu, sigma, n = image_statistics(samples, network, batch_size, resolution, device)
+    return {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref), "samples": str(samples),
+            "num_samples": int(n), "reference": origin}

@@ -8,8 +8,12 @@ The error funnel: a user mistake (:class:`~dimsum.errors.UserError`: config, dat
 OS error naming a file (permission denied, no space, not a directory) prints ONE line,
 ``dimsum <command>: <what is wrong, and where>``, and exits with :data:`USER_ERROR_EXIT` (2). Under a
 multi-process launcher a config error is printed by rank 0 only (every rank reads the same config) and
-other errors carry their rank. Anything else is our bug and keeps its traceback. (``data verify``,
-``sample`` and ``eval`` report their own input problems in one line with exit code 1.)
+other errors carry their rank. Anything else is our bug and keeps its traceback. A command module may
+name its own ``INPUT_ERRORS`` with ``INPUT_ERROR_EXIT`` (``sample`` and ``eval``: exit code 1; ``data
+verify`` reports its findings itself, also with 1). This is the only place that turns an error into a line.
+
+Each module in this package is argparse and printing only; the work is done in ``launch.train``,
+``launch.generate``, ``launch.cluster`` and ``data_pipeline``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import importlib
 import os
 import sys
+from types import ModuleType
 
 from dimsum.config import ConfigError
 from dimsum.errors import UserError
@@ -25,16 +30,17 @@ from dimsum.errors import UserError
 USER_ERROR_EXIT = 2
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("launch.commands.models", "list the model registry with parameter counts and GFLOPs"),
-    "config": ("launch.commands.config", "show or save a resolved experiment config"),
+    "models": ("launch.cli.models", "list the model registry with parameter counts and GFLOPs"),
+    "config": ("launch.cli.config", "show or save a resolved experiment config"),
     "prepare": ("data_pipeline.prepare", "images to SD-VAE latent shards (--demo digits: pixel shards)"),
     "data": ("data_pipeline.verify", "'data verify SHARDS_DIR': check every shard against its manifest"),
-    "sample": ("launch.sample", "images or latents from a model (exported, released or a run), with CFG"),
-    "eval": ("launch.evaluate", "'eval fid SAMPLES --ref REF': FID against cached reference statistics"),
-    "train": ("launch.trainer", "train or auto-resume an experiment (DeepSpeed ZeRO, a process per device)"),
-    "export": ("launch.export", "a run's EMA (or --raw) weights as one safetensors file + config YAML"),
-    "submit": ("launch.submit", "submit a training run to SLURM via submitit (validated first)"),
-    "demo": ("launch.demo", "the CPU demo: digits shards, 2-rank DeepSpeed training, EMA grid, MLflow"),
+    "sample": ("launch.cli.sample", "images or latents from a model (exported, released or a run), with CFG"),
+    "eval": ("launch.cli.eval", "'eval fid SAMPLES --ref REF': FID against cached reference statistics"),
+    "train": ("launch.cli.train",
+              "train or auto-resume an experiment (DeepSpeed ZeRO, a process per device)"),
+    "export": ("launch.cli.export", "a run's EMA (or --raw) weights as one safetensors file + config YAML"),
+    "submit": ("launch.cli.submit", "submit a training run to SLURM via submitit (validated first)"),
+    "demo": ("launch.cli.demo", "the CPU demo: digits shards, 2-rank DeepSpeed training, EMA grid, MLflow"),
 }
 
 
@@ -55,27 +61,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dimsum: unknown command {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank; imported only then: it loads torch
-        from launch.distributed import die_with_launcher
+        from launch.train.distributed import die_with_launcher
 
         die_with_launcher()
     module_path, text = COMMANDS[name]
     module = importlib.import_module(module_path)
     parser = argparse.ArgumentParser(prog=f"dimsum {name}", description=text)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    return _run(module, parser.parse_args(rest), name)
+
+
+def _run(module: ModuleType, args: argparse.Namespace, name: str) -> int:
+    """The error funnel (module docstring)."""
+    label = module.label(args) if hasattr(module, "label") else name
     try:
         return int(module.run(args) or 0)
+    except getattr(module, "INPUT_ERRORS", ()) as err:
+        _one_line(label, str(err))
+        return module.INPUT_ERROR_EXIT
     except ConfigError as err:
         if os.environ.get("RANK", "0") == "0":
-            _one_line(name, f"config error: {err}", name_rank=False)
+            _one_line(label, f"config error: {err}", name_rank=False)
         return USER_ERROR_EXIT
     except UserError as err:
-        _one_line(name, str(err))
+        _one_line(label, str(err))
         return USER_ERROR_EXIT
     except OSError as err:
         if err.filename is None:
             raise
-        _one_line(name, f"{err.strerror or err}: {err.filename}")
+        _one_line(label, f"{err.strerror or err}: {err.filename}")
         return USER_ERROR_EXIT
 
 
@@ -84,6 +98,3 @@ def _one_line(command: str, message: str, *, name_rank: bool = True) -> None:
     rank = f"rank {os.environ.get('RANK', '?')}: " if multi else ""
     print(f"dimsum {command}: {rank}{' '.join(message.split())}", file=sys.stderr, flush=True)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

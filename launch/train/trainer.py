@@ -10,7 +10,6 @@ row stop the run with the last good checkpoint intact.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -18,18 +17,18 @@ import socket
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from dimsum.config import ConfigError
-from dimsum.diffusion.flow import Transport
+from dimsum.devices import rank_device, resolve_device
 from dimsum.ema import EMA
 from dimsum.errors import UserError
-from dimsum.models import build_model, count_parameters
-from launch import resume
-from launch.checkpoint import (
+from dimsum.models import build_model, count_parameters, forward_gmacs
+from launch.config import ExperimentConfig, check_resume_config, dump_config
+from launch.train import state as resume
+from launch.train.checkpoint import (
     MARKER,
     OURS,
     POINTER,
@@ -41,17 +40,21 @@ from launch.checkpoint import (
     mark_ours,
     remove_ours,
 )
-from launch.collectives import Collectives, engine_device
-from launch.config import ExperimentConfig, check_resume_config, dump_config, load_config
-from launch.distributed import (
+from launch.train.collectives import Collectives
+from launch.train.deepspeed_engine import (
+    batch_layout,
+    initialize,
+    master_fragments,
+    select_precision,
+)
+from launch.train.distributed import (
     init_distributed,
     resolve_env,
 )
-from launch.engine import batch_layout, initialize, master_fragments, select_device, select_precision
-from launch.faults import Faults
-from launch.metrics import StepMeter
-from launch.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
-from launch.tracking import flatten, make_tracker, saved_run_id
+from launch.train.faults import Faults
+from launch.train.metrics import StepMeter
+from launch.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from launch.train.tracking import flatten, make_tracker, saved_run_id
 
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)  # DeepSpeed's
 
@@ -95,13 +98,13 @@ class Trainer:
 
         self.cfg, t = cfg, cfg.train
         self.preempt = PreemptionFlag().install()  # early: SLURM may signal while we start up
-        self.device = select_device(t.device)
+        self.device = resolve_device(t.device, "train.device")
         self.precision = select_precision(t.precision, self.device)
         world = resolve_env().world_size
         self.micro, self.accum = batch_layout(t, world)  # a bad batch layout fails before any work
         self.env = init_distributed(self.device)
         self.rank, self.world = self.env.rank, self.env.world_size
-        self.collectives = Collectives(engine_device(self.device, self.env.local_rank))  # before any vote
+        self.collectives = Collectives(rank_device(self.device, self.env.local_rank))  # before any vote
         self.log = say if self.rank == 0 else (lambda *_: None)
         self.faults = Faults.from_env(self.rank)
         self.run_dir = cfg.run_dir
@@ -115,9 +118,10 @@ class Trainer:
         self.loader = LatentLoader(cfg.data, batch_size=self.micro, seed=cfg.seed, rank=self.rank,
                                    world_size=self.world, start_step=0)
         check_data_matches_model(cfg, self.loader)
+        self.objective = cfg.objective.build()
+        self.out_channels = self.objective.out_channels(cfg.model.in_channels)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.engine = initialize(build_model(cfg.model), cfg, self.world)
-        self.transport = Transport(t.path, t.time_sampling)
+        self.engine = initialize(build_model(cfg.model, self.out_channels), cfg, self.world)
         self.autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         self.loss_sum, self.nonfinite_in_a_row, self.skipped_logged = 0.0, 0, 0
         self.state = resume.TrainState()
@@ -139,7 +143,7 @@ class Trainer:
                                     experiment=cfg.tracking.experiment, run_dir=self.run_dir, run_id=run_id,
                                     params=flatten(cfg.to_dict()), tags=self.tags(),
                                     flush_timeout=cfg.tracking.flush_timeout, log=self.log)
-        self.meter = StepMeter(cfg.model, t.global_batch, self.world, self.device)
+        self.meter = StepMeter(cfg.model, t.global_batch, self.world, self.device, self.out_channels)
         self.banner(start)
 
     def resume_point(self) -> Checkpoint | None:
@@ -210,18 +214,18 @@ class Trainer:
         if self.rank == 0:
             mark_ours(self.run_dir)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        from dimsum.models import forward_gmacs
-
         self.log(f"==> experiment {cfg.name}: run dir {self.run_dir}")
         self.log(f"    {self.world} x {self.device}, {self.precision}, ZeRO-{cfg.deepspeed.zero_stage}, "
                  f"seed {cfg.seed}")
-        self.log(f"==> model {cfg.model.name}: {count_parameters(cfg.model):,} parameters, "
-                 f"{forward_gmacs(cfg.model):.3f} GMACs/image forward")
+        width = self.out_channels
+        self.log(f"==> model {cfg.model.name}: {count_parameters(cfg.model, width):,} parameters, "
+                 f"{forward_gmacs(cfg.model, width):.3f} GMACs/image forward")
         self.log(f"==> data {cfg.data.shards}: latents {tuple(self.loader.latent_shape)}, "
                  f"{self.loader.num_classes} classes")
         self.log(f"==> optimisation: global batch {t.global_batch} = {self.micro} x {self.world} ranks x "
                  f"{self.accum} accumulation; AdamW lr {t.lr} wd {t.weight_decay}, warm-up {t.warmup_steps}, "
-                 f"clip {t.grad_clip}; {t.path} path; EMA {t.ema_decay}")
+                 f"clip {t.grad_clip}; objective {cfg.objective.kind} {cfg.objective.options()}; "
+                 f"EMA {t.ema_decay}")
         where = f"resumed from {start.path.name}" if start else "fresh start"
         self.log(f"==> checkpoints every {t.ckpt_every} steps, keep {t.keep_last}; {where} "
                  f"(attempt {self.state.attempt})")
@@ -239,7 +243,7 @@ class Trainer:
             if due and not self.save() and state.step == t.max_steps:
                 raise RuntimeError(f"the final checkpoint (step {state.step}) could not be written; "
                                    "free space and rerun: it resumes from the last complete one")
-        if not stop and t.sample_every:
+        if not stop and self.cfg.grid.every:
             self.sample_grid()
         return self.finish(stop)
 
@@ -257,7 +261,7 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             y = None if self.cfg.model.num_classes == 1 else y.to(self.device, non_blocking=True)
             with self.autocast:
-                loss = self.transport.loss(self.engine, x, {"y": y}).mean()
+                loss = self.objective.loss(self.engine, x, {"y": y}).mean()
             if self.faults.fires("nan", state.step + 1):
                 loss = loss * math.nan
             votes = [float(not torch.isfinite(loss)), float(self.preempt.requested)]
@@ -311,7 +315,7 @@ class Trainer:
             before_write=self.faults.save_hook(state.step)))
         if ok and written:
             self.log(f"saved {self.ckpt.step_dir(state.step)} in {time.perf_counter() - began:.1f} s")
-        if ok and self.cfg.train.sample_every and state.step % self.cfg.train.sample_every == 0:
+        if ok and self.cfg.grid.every and state.step % self.cfg.grid.every == 0:
             self.sample_grid()
         return ok
 
@@ -319,7 +323,7 @@ class Trainer:
         """An EMA sample grid from the newest checkpoint, made on rank 0 (the others wait at the next
         collective); the training RNG is untouched so determinism is preserved."""
         if self.rank == 0:
-            from launch.export import write_grid
+            from launch.generate.grid import write_grid
 
             latest = self.ckpt.latest()
             if latest is not None and not (self.run_dir / "samples" / f"{latest.path.name}.png").exists():
@@ -371,12 +375,3 @@ def run_training(cfg: ExperimentConfig) -> dict[str, Any]:
         raise
     finally:
         trainer.close()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="experiment YAML, e.g. configs/demo_cpu.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
-
-
-def run(args: argparse.Namespace) -> int:
-    return int(run_training(load_config(args.config, args.overrides))["exit_code"])

@@ -1,0 +1,1 @@
+"""Cluster submission: submitit jobs and the SLURM environment rules."""

@@ -1,0 +1,1 @@
+"""Generation and evaluation: loading weights, sampling, export, sample grids, FID."""

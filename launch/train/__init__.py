@@ -1,0 +1,1 @@
+"""The training runtime: trainer, DeepSpeed, checkpoint state, collectives, preemption, metrics, tracking."""

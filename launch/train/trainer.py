@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.training_data import TrainingData, build_training_data
 from dimsum.config import ConfigError
 from dimsum.devices import rank_device, resolve_device
 from dimsum.ema import EMA
@@ -67,16 +68,16 @@ def say(*parts: Any) -> None:
     print(time.strftime("[%H:%M:%S]"), *parts, flush=True)
 
 
-def check_data_matches_model(cfg: ExperimentConfig, loader: Any) -> None:
-    channels, height, width = loader.latent_shape
+def check_data_matches_model(cfg: ExperimentConfig, data: TrainingData) -> None:
+    channels, height, width = data.latent_shape
     m = cfg.model
     if channels != m.in_channels:
         raise ConfigError("model.in_channels", m.in_channels,
                           f"data {cfg.data.shards} has {channels} channels")
     if height != m.input_size or width != m.input_size:
         raise ConfigError("model.input_size", m.input_size, f"data {cfg.data.shards} is {height}x{width}")
-    if m.num_classes > 1 and loader.num_classes > m.num_classes:
-        raise ConfigError("model.num_classes", m.num_classes, f"data has {loader.num_classes} classes")
+    if m.num_classes > 1 and data.num_classes > m.num_classes:
+        raise ConfigError("model.num_classes", m.num_classes, f"data has {data.num_classes} classes")
 
 
 def attempt_tags(state: resume.TrainState, world_size: int) -> dict[str, str]:
@@ -94,8 +95,6 @@ class Trainer:
     """Holds the run's pieces; :meth:`fit` is the loop."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        from data_pipeline.loader import LatentLoader
-
         self.cfg, t = cfg, cfg.train
         self.preempt = PreemptionFlag().install()  # early: SLURM may signal while we start up
         self.device = resolve_device(t.device, "train.device")
@@ -115,9 +114,9 @@ class Trainer:
         self.fallback: list[str] = []  # damaged newer checkpoints skipped on resume (rank 0)
         start = self.resume_point()
 
-        self.loader = LatentLoader(cfg.data, batch_size=self.micro, seed=cfg.seed, rank=self.rank,
-                                   world_size=self.world, start_step=0)
-        check_data_matches_model(cfg, self.loader)
+        self.data = build_training_data(cfg.data, batch_size=self.micro, seed=cfg.seed, rank=self.rank,
+                                        world_size=self.world)
+        check_data_matches_model(cfg, self.data)
         self.objective = cfg.objective.build()
         self.out_channels = self.objective.out_channels(cfg.model.in_channels)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -131,8 +130,7 @@ class Trainer:
             self.state, rank_part = resume.load(self.engine, start.path, self.rank)
             self.ema.load_state_dict(rank_part["ema"])
         self.fragments = master_fragments(self.engine)  # DeepSpeed re-links its views after a load
-        self.loader.start_step = self.state.data_position
-        self.batches = iter(self.loader)
+        self.batches = self.data.batches(self.state.data_position)
         if rank_part is None:
             resume.seed_everything(cfg.seed, self.rank)
         else:
@@ -220,8 +218,7 @@ class Trainer:
         width = self.out_channels
         self.log(f"==> model {cfg.model.name}: {count_parameters(cfg.model, width):,} parameters, "
                  f"{forward_gmacs(cfg.model, width):.3f} GMACs/image forward")
-        self.log(f"==> data {cfg.data.shards}: latents {tuple(self.loader.latent_shape)}, "
-                 f"{self.loader.num_classes} classes")
+        self.log(f"==> data {self.data.describe()}")
         self.log(f"==> optimisation: global batch {t.global_batch} = {self.micro} x {self.world} ranks x "
                  f"{self.accum} accumulation; AdamW lr {t.lr} wd {t.weight_decay}, warm-up {t.warmup_steps}, "
                  f"clip {t.grad_clip}; objective {cfg.objective.kind} {cfg.objective.options()}; "
@@ -291,7 +288,7 @@ class Trainer:
     def log_progress(self) -> None:
         """Averages over ranks and over the steps since the last line (a collective)."""
         t, step = self.cfg.train, self.state.step
-        window_skips, self.skipped_logged = self.loader.skipped - self.skipped_logged, self.loader.skipped
+        window_skips, self.skipped_logged = self.data.skipped - self.skipped_logged, self.data.skipped
         loss, skipped = self.collectives.mean([self.loss_sum / max(self.meter.steps, 1), float(window_skips)])
         self.loss_sum = 0.0
         rates = self.meter.summary()
@@ -329,7 +326,7 @@ class Trainer:
             if latest is not None and not (self.run_dir / "samples" / f"{latest.path.name}.png").exists():
                 try:
                     with torch.random.fork_rng(devices=[]):
-                        path = write_grid(self.run_dir, latest.step, self.cfg, self.loader.manifest,
+                        path = write_grid(self.run_dir, latest.step, self.cfg, self.data.manifest,
                                           device=self.device, log=self.log)
                 except Exception as err:  # a failed grid must not end a multi-day run
                     self.log(f"sample grid at step {latest.step} failed: {type(err).__name__}: {err}")
@@ -347,7 +344,7 @@ class Trainer:
                    "exit_code": REQUEUE_EXIT_CODE if preempted else 0,
                    "nonfinite_total": self.state.nonfinite_total}
         if self.cfg.data.on_error == "skip":
-            (skipped,) = self.collectives.mean([float(self.loader.skipped)])
+            (skipped,) = self.collectives.mean([float(self.data.skipped)])
             summary["data_skipped"] = round(skipped * self.world)
             self.log(f"==> data: {summary['data_skipped']} bad sample(s) skipped on all ranks in this "
                      "attempt (data.on_error=skip)")

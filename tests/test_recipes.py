@@ -11,7 +11,7 @@ import yaml
 
 from dimsum.models import count_parameters
 from launch.cli import main
-from launch.config import compose_yaml, load_config
+from launch.config import load_config
 from launch.train.deepspeed_engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_demo_runs_on_two_cpu_ranks_with_the_digits_model() -> None:
                                     ("imagenet_lamamba_xl512", 64, 16, 2, 653_467_688)], ids=lambda r: r[0])
 def test_lamamba_recipes_state_the_released_set_up(recipe: tuple) -> None:
     name, side, micro, accum, params = recipe
-    cfg, data = load_config(CONFIGS / f"{name}.yaml"), compose_yaml(CONFIGS / f"{name}.yaml")
+    cfg = load_config(CONFIGS / f"{name}.yaml")
     m, t = cfg.model, cfg.train
     assert (m.family, m.name, m.input_size, m.in_channels, m.num_classes, m.label_dropout) == \
         ("lamamba", "LaMamba-Diff-XL", side, 4, 1000, 0.1)
@@ -74,9 +74,9 @@ def test_lamamba_recipes_state_the_released_set_up(recipe: tuple) -> None:
     assert ds["optimizer"]["type"] == "AdamW" and "scheduler" not in ds and ds["gradient_clipping"] == 0.0
     assert {k: ds["optimizer"]["params"][k] for k in ("lr", "betas", "eps", "weight_decay")} == \
         {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
-    assert data["objective"] == {"kind": "ddpm", "timesteps": 1000}
-    assert data["grid"]["cfg_scale"] == 4.0 and data["grid"]["sampler"] == {"method": "ddpm", "steps": 250}
-    assert data["grid"]["every"] % t.ckpt_every == 0
+    assert (cfg.objective.kind, cfg.objective.timesteps) == ("ddpm", 1000)
+    assert (cfg.grid.cfg_scale, cfg.grid.sampler.method, cfg.grid.sampler.steps) == (4.0, "ddpm", 250)
+    assert cfg.grid.every % t.ckpt_every == 0
 
 
 def test_every_sbatch_launches_an_existing_recipe_through_common_sh() -> None:

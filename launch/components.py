@@ -81,6 +81,22 @@ class GridConfig(Config):
         self.check(self.cfg_scale >= 1.0, "cfg_scale", "expected >= 1 (1 disables guidance)")
 
 
+@dataclasses.dataclass
+class QualityConfig(Config):
+    """The digits quality metrics (:mod:`launch.generate.quality`) at every sample grid (none without
+    grids), from the same EMA weights with the grid's sampler and guidance: ``count`` samples, scored by
+    the digits judge cached in ``cache_dir`` (None: ``$DIMSUM_CACHE/judge`` or ``~/.cache/dimsum/judge``).
+    Only for the digits demo data, hence off by default; the trainer refuses it on other data before the
+    first step."""
+
+    enabled: bool = False
+    count: int = 500
+    cache_dir: str | None = None
+
+    def validate(self) -> None:
+        self.check(self.count >= 4, "count", "expected >= 4 samples (precision/recall use 3 neighbours)")
+
+
 # old key (section, field) -> new dotted place; the old keys keep working, with a one-line warning
 DEPRECATED_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "path"): ("objective", "path"),

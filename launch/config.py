@@ -22,7 +22,7 @@ from data_pipeline.config import DataConfig
 from dimsum.config import Config, ConfigError
 from dimsum.models import ModelConfig
 from dimsum.models.dimsum.config import DiMSUMConfig
-from launch.components import GridConfig, ObjectiveConfig, migrate_deprecated
+from launch.components import GridConfig, ObjectiveConfig, QualityConfig, migrate_deprecated
 
 
 @dataclasses.dataclass
@@ -138,6 +138,7 @@ class ExperimentConfig(Config):
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     grid: GridConfig = dataclasses.field(default_factory=GridConfig)
+    quality: QualityConfig = dataclasses.field(default_factory=QualityConfig)
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     launch: LaunchConfig = dataclasses.field(default_factory=LaunchConfig)

@@ -35,7 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data_pipeline.prepare", "images to SD-VAE latent shards (--demo digits: pixel shards)"),
     "data": ("data_pipeline.verify", "'data verify SHARDS_DIR': check every shard against its manifest"),
     "sample": ("launch.cli.sample", "images or latents from a model (exported, released or a run), with CFG"),
-    "eval": ("launch.cli.eval", "'eval fid SAMPLES --ref REF': FID against cached reference statistics"),
+    "eval": ("launch.cli.eval", "'eval fid SAMPLES --ref REF': FID; 'eval digits RUN_OR_WEIGHTS': digits "
+             "accuracy and FD"),
     "train": ("launch.cli.train",
               "train or auto-resume an experiment (DeepSpeed ZeRO, a process per device)"),
     "export": ("launch.cli.export", "a run's EMA (or --raw) weights as one safetensors file + config YAML"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from data_pipeline.vae import VAEError
 from dimsum.sampling import SamplerConfig
@@ -46,17 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the ADM-style samples .npz when count >= this (0: always)")
 
 
+def split_settings(settings: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(sampler fields, objective fields) from ``sampler.KEY=VALUE`` / ``objective.KEY=VALUE`` strings."""
+    parsed = apply_overrides({}, settings)
+    unknown = sorted(set(parsed) - {"sampler", "objective"})
+    if unknown:
+        raise SampleError(f"{unknown[0]}: expected sampler.KEY=VALUE or objective.KEY=VALUE settings")
+    return parsed.get("sampler", {}), parsed.get("objective", {})
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch_size <= 0:
         raise SampleError(f"--batch-size: got {args.batch_size}; expected a positive integer")
     if args.out.exists() and not args.out.is_dir():
         raise SampleError(f"--out: {args.out} is an existing file; expected a directory (or a new path)")
-    settings = apply_overrides({}, args.settings)
-    unknown = sorted(set(settings) - {"sampler", "objective"})
-    if unknown:
-        raise SampleError(f"{unknown[0]}: expected sampler.KEY=VALUE or objective.KEY=VALUE settings")
-    sampler = SamplerConfig.from_dict(settings.get("sampler", {}), "sampler")
-    info = sample(args, sampler, settings.get("objective", {}))
+    sampler_settings, objective_settings = split_settings(args.settings)
+    info = sample(args, SamplerConfig.from_dict(sampler_settings, "sampler"), objective_settings)
     if info is not None:
         print(json.dumps(info))
     return 0

@@ -7,12 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from dimsum.diffusion import Objective
 from launch.config import ExperimentConfig
 from launch.generate.images import save_grid
-from launch.generate.sample import decode, generate
+from launch.generate.sample import class_conditional, decode, generate
 from launch.generate.weights import instantiate, load_run_weights
 from launch.train.checkpoint import step_name
+
+
+def ema_model(run_dir: Path, step: int, cfg: ExperimentConfig, device: str) -> tuple[nn.Module, Objective]:
+    """The EMA network of a run's checkpoint, ready to sample, and the objective it is trained with."""
+    model_cfg, state = load_run_weights(run_dir, step, "ema")
+    objective = cfg.objective.build()
+    model = instantiate(model_cfg, state, f"{run_dir} step {step}", device,
+                        objective.out_channels(model_cfg.in_channels))
+    return model, objective
 
 
 def write_grid(run_dir: Path, step: int, cfg: ExperimentConfig, manifest: Mapping[str, Any], *, device: str,
@@ -30,11 +41,9 @@ def write_grid(run_dir: Path, step: int, cfg: ExperimentConfig, manifest: Mappin
         except Exception as err:
             log(f"sample grid skipped: cannot load the VAE {manifest.get('vae')!r} ({err})")
             return None
-    model_cfg, state = load_run_weights(run_dir, step, "ema")
-    objective = cfg.objective.build()
-    model = instantiate(model_cfg, state, f"{run_dir} step {step}", device,
-                        objective.out_channels(model_cfg.in_channels))
-    conditional = model.null_label is not None or model_cfg.num_classes > 1
+    model, objective = ema_model(run_dir, step, cfg, device)
+    model_cfg = model.cfg
+    conditional = class_conditional(model)
     columns = min(model_cfg.num_classes, 16) if conditional else 8
     spread = model_cfg.num_classes // columns  # e.g. every 62nd ImageNet class, every digit
     labels = (torch.arange(grid.count) % columns) * spread if conditional else None

@@ -66,6 +66,11 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def class_conditional(model: nn.Module) -> bool:
+    """Whether the model is asked for classes (it has a null label for guidance, or several label rows)."""
+    return model.null_label is not None or model.cfg.num_classes > 1
+
+
 @torch.no_grad()
 def sample_batches(model: nn.Module, labels: torch.Tensor | None, indices: Sequence[int], *,
                    sampler: SamplerConfig, objective: Objective | None = None, cfg_scale: float = 1.0,

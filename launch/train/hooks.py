@@ -107,7 +107,12 @@ class RunIdRecorder(Hook):
 
 class SampleGrid(Hook):
     """An EMA sample grid from the newest checkpoint every ``grid.every`` steps and at the end, made on
-    rank 0 (the others wait at the barrier). A failed grid is logged: it must not end a multi-day run."""
+    rank 0 while the others wait at the barrier. A failed grid is logged: it must not end a multi-day run.
+
+    Cost: rank 0 reads back the checkpoint just written, DeepSpeed's fp32 shards and every rank's EMA
+    shard (the path ``dimsum export`` takes, so each grid also proves the checkpoint loads), then samples
+    ``grid.count`` images; at XL/2 that is several GB read per grid, so ``grid.every`` should be thousands.
+    """
 
     def on_save(self, trainer: Trainer, step: int) -> None:
         if step % trainer.cfg.grid.every == 0:

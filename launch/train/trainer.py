@@ -134,6 +134,7 @@ class Trainer:
                                     flush_timeout=cfg.tracking.flush_timeout, log=self.log)
         self.report = StepReport(0.0, 0.0, 0.0, False)
         self.hooks: list[Hook] = build_hooks(self, faults)
+        self.record_run()
         self.banner(start)
 
     def checkpoint_states(self) -> CheckpointStates:
@@ -151,11 +152,15 @@ class Trainer:
             tags["checkpoint_fallback"] = f"attempt {self.state.attempt}: " + "; ".join(self.fallback)
         return tags
 
-    def banner(self, start: Checkpoint | None) -> None:
-        cfg, t = self.cfg, self.cfg.train
+    def record_run(self) -> None:
+        """Mark the run directory as dimsum's and keep the resolved config beside the checkpoints (the next
+        attempt compares against it)."""
         if self.rank == 0:
             mark_ours(self.run_dir)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+
+    def banner(self, start: Checkpoint | None) -> None:
+        cfg, t = self.cfg, self.cfg.train
         self.log(f"==> experiment {cfg.name}: run dir {self.run_dir}")
         self.log(f"    {self.world} x {self.device}, {self.precision}, ZeRO-{cfg.deepspeed.zero_stage}, "
                  f"seed {cfg.seed}")
@@ -208,6 +213,8 @@ class Trainer:
                 loss = self.objective.loss(self.engine, x, {"y": y}).mean()
             for hook in self.hooks:
                 loss = hook.on_loss(self, state.step + 1, loss)
+            # two votes in one all-reduce (the step's only collective besides DeepSpeed's): drop this
+            # micro-batch if any rank's loss is not finite; stop after this step if any rank was signalled
             bad, stop_flag = self.collectives.max([float(not torch.isfinite(loss)),
                                                    float(self.preempt.requested)])
             stop = stop or bool(stop_flag)

@@ -23,6 +23,7 @@ from data_pipeline.locations import ShardDestination
 from data_pipeline.shards import new_manifest
 
 SIZE = 16
+SOURCE_NAME = "sklearn.datasets.load_digits"  # the manifest's source name, which marks the digits data
 
 
 def digits_pixels() -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +58,7 @@ def build_digits_shards(out_dir: str | Path, *, seed: int = 0, shard_size: int =
         shards=records, skipped=[], latent_shape=(1, SIZE, SIZE), store="sample", num_classes=10,
         label_map={str(d): d for d in range(10)}, block_size=block_size, space="pixels", vae=None,
         scaling_factor=1.0, resolution=SIZE, shard_size=shard_size, shuffle_seed=seed,
-        source={"name": "sklearn.datasets.load_digits", "layout": "digits"},
+        source={"name": SOURCE_NAME, "layout": "digits"},
     )
     out.write_manifest(manifest)
     return manifest

@@ -42,3 +42,14 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_digits_shards(folder)
     return folder
 
+
+
+@pytest.fixture(scope="session")
+def judge_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the trained digits judge (launch.generate.judge; seconds to train), shared
+    read-only by the quality tests and the quality gate; tests that damage it copy it first."""
+    from launch.generate.judge import load_judge
+
+    folder = tmp_path_factory.mktemp("judge")
+    assert load_judge(folder, log=print).origin == "trained"
+    return folder

@@ -1,8 +1,8 @@
 """The digits judge and its metrics: held-out accuracy, the cache and its damage, scores of real and of
 broken samples, and ``dimsum eval digits`` on exported weights.
 
-The judge is trained once per session (seconds) into a temporary cache; the CI quality gate
-(test_quality_gate.py) trains a model and scores it with the same judge.
+The judge is trained once per session (seconds) into a temporary cache (conftest.py ``judge_cache``); the
+CI quality gate (test_quality_gate.py) trains a model and scores it with the same judge.
 """
 
 from __future__ import annotations
@@ -23,14 +23,6 @@ from launch.cli import main
 from launch.generate.judge import MIN_ACCURACY, Judge, _read_cache, held_out_split, load_judge
 from launch.generate.quality import digits_metrics
 from launch.generate.weights import CONFIG_METADATA_KEY
-
-
-@pytest.fixture(scope="session")
-def judge_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache folder holding the trained judge (shared read-only; tests that damage it copy it first)."""
-    folder = tmp_path_factory.mktemp("judge")
-    assert load_judge(folder, log=print).origin == "trained"
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +122,7 @@ def test_eval_digits_scores_exported_weights_and_refuses_other_models(judge_cach
             "--cache-dir", str(judge_cache)]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["count"] == 20 and result["nfe"] == 2 and result["cfg_scale"] == 4.0
+    assert result["count"] == 20 and result["nfe"] == 2 and result["cfg_scale"] == 1.5
     assert result["sampler"]["method"] == "euler" and result["judge"].startswith("cache ")
     assert 0 <= result["accuracy"] <= 1 and np.isfinite(result["fd"]) and result["fd"] > 0
     assert main([*args, "--seed", "1"]) == 0

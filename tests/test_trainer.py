@@ -7,6 +7,7 @@ killed and resumed. Failures are injected with ``DIMSUM_FAULTS`` (see launch/tra
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -39,8 +40,10 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 ZERO3 = ["deepspeed.zero_stage=3", "deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0"]
 
 
-# the ZeRO-2 runs also make EMA sample grids mid-run, which must not disturb the training RNG
-ZERO2 = ["deepspeed.zero_stage=2", "grid.every=4", "grid.count=4", "grid.sampler.steps=2"]
+# the ZeRO-2 runs also make EMA sample grids and score them with the digits judge (the demo config's
+# quality hook) mid-run, which must not disturb the training RNG
+ZERO2 = ["deepspeed.zero_stage=2", "grid.every=4", "grid.count=4", "grid.sampler.steps=2",
+         "quality.count=16"]
 # the ZeRO-2 kill/resume matrix: the demo's DiMSUM under flow matching, and LaMamba-debug under DDPM
 RUNS = {"dimsum-flow": [], "lamamba-ddpm": ["model.name=LaMamba-debug", "model.patch_size=1",
                                              "objective.kind=ddpm", "grid.sampler.method=ddpm"]}
@@ -61,6 +64,7 @@ def zero2_reference_of(root: Path, digits_shards: Path) -> Callable[[str], Path]
             name = "z2-ref" if kind == "dimsum-flow" else f"z2-ref-{kind}"
             ok(torchrun([*overrides(root, digits_shards, name, max_steps=8), *ZERO2, *RUNS[kind]]))
             assert (root / name / "samples" / "step-0000004.png").is_file()
+            assert (root / name / "samples" / "step-0000004.quality.json").is_file()  # the hook was on
             made[kind] = root / name
         return made[kind]
 
@@ -108,6 +112,7 @@ def test_zero2_kill_and_resume_is_bit_exact_and_continues_the_mlflow_run(
     assert client.get_run(run_id).data.params["train.global_batch"] == "8"
     assert "images_per_s" in client.get_run(run_id).data.metrics
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step-0000008.png"]
+    assert [m.step for m in client.get_metric_history(run_id, "quality/fd")] == [8]  # 4 was not saved
 
 
 def test_a_checkpoint_written_before_the_refactor_resumes_bit_exact(tmp_path: Path,
@@ -247,7 +252,7 @@ def test_demo_command_end_to_end_smoke(tmp_path: Path) -> None:
     """``dimsum demo`` (the README's main job) with a 2-step budget: trains, samples, exports, explains."""
     args = [f"output_root={tmp_path}", f"data.shards={tmp_path / 'shards'}", "data.num_workers=0",
             "train.global_batch=8", "train.max_steps=2", "train.ckpt_every=2", "grid.every=2",
-            "grid.count=4", "grid.sampler.steps=2"]
+            "grid.count=4", "grid.sampler.steps=2", "quality.count=8"]
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "demo", *args], env=base_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
     out = ok(proc)
@@ -256,3 +261,6 @@ def test_demo_command_end_to_end_smoke(tmp_path: Path) -> None:
     assert (run / "samples" / "step-0000002.png").is_file()
     assert (run / "export" / "step-0000002-ema.safetensors").is_file()
     assert f"mlflow ui --backend-store-uri sqlite:///{run.resolve() / 'mlflow.db'}" in out
+    scores = json.loads((run / "samples" / "step-0000002.quality.json").read_text())
+    assert (f"quality:      accuracy {100 * scores['accuracy']:.1f}%, FD {scores['fd']:.2f}, precision "
+            f"{scores['precision']:.2f}, recall {scores['recall']:.2f} of 8 samples (digits judge)") in out

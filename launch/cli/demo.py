@@ -4,7 +4,8 @@
 2. trains a small DiMSUM with DeepSpeed ZeRO-2 on 2 CPU ranks (one process and thread per rank) with
    checkpoints, auto-resume and the embedded MLflow store, and an EMA sample grid at the end,
 3. exports the EMA weights to one safetensors file,
-4. prints where everything is, including the ``mlflow ui`` command.
+4. prints where everything is, the digits judge's accuracy and FD of the final grid's checkpoint
+   (``quality:`` in the config), and the ``mlflow ui`` command.
 
 Rerunning continues the same run (auto-resume); ``--fresh`` deletes it first, but only a directory that
 dimsum created (it carries the ``.dimsum`` marker).
@@ -13,6 +14,7 @@ dimsum created (it carries the ``.dimsum`` marker).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -56,6 +58,14 @@ def launch_ranks(nproc: int, train_args: list[str]) -> int:
     return next((p.returncode for p in procs if p.returncode), 0)
 
 
+def quality_line(scores: dict) -> str:
+    """The judge's figures of the grid's checkpoint, in words."""
+    parts = [f"accuracy {100 * scores['accuracy']:.1f}%"] if "accuracy" in scores else []
+    parts += [f"FD {scores['fd']:.2f}", f"precision {scores['precision']:.2f}",
+              f"recall {scores['recall']:.2f}"]
+    return f"{', '.join(parts)} of {int(scores['count'])} samples (digits judge)"
+
+
 def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     cfg = load_config(CONFIG, args.overrides)  # bad overrides fail here, before anything starts
@@ -86,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"    EMA weights:  {weights}")
     if grids:
         print(f"    sample grid:  {grids[-1]}  (one column per digit class, EMA weights)")
+        scores = grids[-1].with_suffix(".quality.json")  # launch/train/quality_hook.py
+        if scores.is_file():
+            print(f"    quality:      {quality_line(json.loads(scores.read_text()))}  "
+                  f"(again: dimsum eval digits {run_dir})")
     print(f"    more samples: dimsum sample --weights {weights} --vae pixels --labels even --count 40 "
           f"--cfg-scale 4 --out {run_dir / 'samples' / 'more'}")
     print(f"    MLflow:       mlflow ui --backend-store-uri sqlite:///{run_dir.resolve() / 'mlflow.db'}")

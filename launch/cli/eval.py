@@ -54,7 +54,7 @@ def add_digits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--which", choices=["ema", "raw"], default="ema",
                         help="with a run: EMA or raw weights")
     parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="classifier-free guidance (default: the run's grid.cfg_scale)")
+                        help="classifier-free guidance (default: the run's quality.cfg_scale)")
     parser.add_argument("settings", nargs="*", metavar="KEY=VALUE",
                         help="right after RUN_OR_WEIGHTS: sampler.* over the run's grid.sampler (as for "
                         "'dimsum sample'), e.g. sampler.method=heun sampler.steps=30; objective.* for "

@@ -29,8 +29,7 @@ from dimsum.diffusion import Objective
 from dimsum.errors import UserError
 from dimsum.models import ModelConfig
 from dimsum.sampling import SamplerConfig
-from launch.components import GridConfig
-from launch.config import parse_yaml, saved_config
+from launch.config import ExperimentConfig, parse_yaml, saved_config
 from launch.generate.fid import FeatureStats, frechet_distance
 from launch.generate.judge import Judge, load_judge
 from launch.generate.sample import class_conditional, load_model, sample_batches
@@ -83,6 +82,10 @@ def digits_metrics(images: torch.Tensor, labels: torch.Tensor | None, judge: Jud
     if images.ndim != 4 or tuple(images.shape[1:]) != DIGITS_SHAPE or len(images) < NEIGHBOURS + 1:
         raise QualityError(f"the digits judge needs at least {NEIGHBOURS + 1} samples of shape 1x16x16, got "
                            f"{tuple(images.shape)}")
+    broken = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+    if broken:
+        raise QualityError(f"{broken} of {len(images)} samples hold non-finite values: the model or the "
+                           "sampler diverged")
     predicted, features = judge.score(images.clamp(-1, 1))
     stats = FeatureStats()
     stats.update(features)
@@ -111,29 +114,29 @@ def sample_quality(model: nn.Module, objective: Objective, judge: Judge, *, coun
             "count": float(count)}
 
 
-def _grid_of(config: Mapping[str, Any] | None) -> GridConfig:
-    """The sample-grid settings a run was saved with (defaults when unknown)."""
-    return saved_config(config).grid if isinstance(config, Mapping) else GridConfig()
+def _run_config(config: Mapping[str, Any] | None) -> ExperimentConfig:
+    """The config a run was saved with (defaults when unknown)."""
+    return saved_config(config) if isinstance(config, Mapping) else ExperimentConfig()
 
 
 def load_for_eval(path: Path, *, step: int | None, which: str, device: str,
-                  objective_settings: Mapping[str, Any]) -> tuple[nn.Module, Objective, GridConfig]:
-    """(model, objective, the grid settings it was trained with) from a run directory or an exported
-    safetensors file (whose config YAML, written beside it by ``dimsum export``, holds the grid)."""
+                  objective_settings: Mapping[str, Any]) -> tuple[nn.Module, Objective, ExperimentConfig]:
+    """(model, objective, the config it was trained with) from a run directory or an exported safetensors
+    file (whose config YAML, written beside it by ``dimsum export``, holds the run's config)."""
     if path.is_dir():
-        grid = _grid_of(client_state(checkpoint_dir(path, step))["config"])
+        run = _run_config(client_state(checkpoint_dir(path, step))["config"])
         source = argparse.Namespace(weights=None, released=None, run=path, step=step, which=which)
     elif path.is_file():
         if step is not None:
             raise QualityError(f"--step: {path} is one exported file; --step is for run directories")
         beside = path.with_suffix(".yaml")
-        grid = _grid_of(parse_yaml(beside.read_text()) if beside.is_file() else None)
+        run = _run_config(parse_yaml(beside.read_text()) if beside.is_file() else None)
         source = argparse.Namespace(weights=path, released=None, run=None)
     else:
         raise QualityError(f"{path}: no such run directory or weights file")
     model, objective = load_model(source, device, objective_settings)
     check_digits_model(model.cfg, str(path))
-    return model, objective, grid
+    return model, objective, run
 
 
 def eval_digits(path: Path, *, count: int, sampler_settings: Mapping[str, Any],
@@ -142,14 +145,15 @@ def eval_digits(path: Path, *, count: int, sampler_settings: Mapping[str, Any],
                 cache_dir: Path | None = None, device: str = "auto",
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """``dimsum eval digits``: the scores of ``count`` samples, drawn with the run's grid sampler and
-    guidance (what its trainer logged) unless ``sampler_settings``/``cfg_scale`` say otherwise."""
+    ``quality.cfg_scale`` (as its trainer's quality hook) unless ``sampler_settings``/``cfg_scale`` say
+    otherwise."""
     if count <= NEIGHBOURS:
         raise QualityError(f"--count: got {count}; expected more than {NEIGHBOURS} samples")
     device = resolve_device(device, "--device")
-    model, objective, grid = load_for_eval(path, step=step, which=which, device=device,
-                                           objective_settings=objective_settings)
-    sampler = SamplerConfig.from_dict({**grid.sampler.to_dict(), **sampler_settings}, "sampler")
-    scale = grid.cfg_scale if cfg_scale is None else cfg_scale
+    model, objective, run = load_for_eval(path, step=step, which=which, device=device,
+                                          objective_settings=objective_settings)
+    sampler = SamplerConfig.from_dict({**run.grid.sampler.to_dict(), **sampler_settings}, "sampler")
+    scale = run.quality.cfg_scale if cfg_scale is None else cfg_scale
     judge = load_judge(cache_dir, log=log)
     metrics = sample_quality(model, objective, judge, count=count, sampler=sampler, cfg_scale=scale,
                              seed=seed)

@@ -145,4 +145,8 @@ def build_hooks(trainer: Trainer, faults: Faults) -> list[Hook]:
     hooks: list[Hook] = [FaultInjection(faults), ProgressLog(trainer), RunIdRecorder()]
     if trainer.cfg.grid.every:
         hooks.append(SampleGrid())
+    if trainer.cfg.grid.every and trainer.cfg.quality.enabled:
+        from launch.train.quality_hook import QualityHook  # imports this module
+
+        hooks.append(QualityHook())
     return hooks

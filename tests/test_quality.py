@@ -73,10 +73,16 @@ def test_a_damaged_or_planted_cache_file_is_never_used(judge_cache: Path, judge:
     shutil.copy(cached, damaged)
     assert _read_cache(damaged, "0123456789abcdef") == "it was made for other data or code"
 
-    # a damaged file is replaced by a retrained judge, identical to the first (fixed seed, deterministic)
+    # a damaged file is replaced by a retrained judge, identical to the first (fixed seed, deterministic),
+    # here trained by a caller with two threads (the session's judge by one)
     damaged.write_bytes(cached.read_bytes()[:-100])
     lines: list[str] = []
-    fresh = load_judge(tmp_path, log=lines.append)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fresh = load_judge(tmp_path, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
     assert fresh.origin == "trained" and len(lines) == 1
     assert f"ignoring the cache file {damaged}: unreadable" in lines[0] and lines[0].endswith("retraining")
     for name, tensor in judge.network.state_dict().items():

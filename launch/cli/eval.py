@@ -49,7 +49,8 @@ def add_digits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("weights", type=Path, metavar="RUN_OR_WEIGHTS",
                         help="a training run directory (its newest intact checkpoint) or an exported "
                         "safetensors file")
-    parser.add_argument("--count", type=int, default=500, help="number of samples to score (default 500)")
+    parser.add_argument("--count", type=int, default=None,
+                        help="number of samples to score (default: the run's quality.count)")
     parser.add_argument("--step", type=int, help="with a run: this checkpoint step instead of the newest")
     parser.add_argument("--which", choices=["ema", "raw"], default="ema",
                         help="with a run: EMA or raw weights")
@@ -59,7 +60,7 @@ def add_digits_arguments(parser: argparse.ArgumentParser) -> None:
                         help="right after RUN_OR_WEIGHTS: sampler.* over the run's grid.sampler (as for "
                         "'dimsum sample'), e.g. sampler.method=heun sampler.steps=30; objective.* for "
                         "weights that lack it")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's seed)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the judge is cached (default: $DIMSUM_CACHE/judge, else "
                         "~/.cache/dimsum/judge)")

@@ -7,8 +7,9 @@ class-conditional sample shows its class (accuracy) and how far the samples' fea
 the real one (Fréchet distance of the penultimate features, :mod:`launch.generate.quality`).
 
 The judge is trained on a stratified 80 % split with a fixed seed and reports its accuracy on the other
-20 %. Training takes seconds on one CPU thread and runs inside ``torch.random.fork_rng``, so a caller's
-random streams (the trainer's) are untouched. The result is cached in ``judge-<fingerprint>.pt``; the
+20 %. Training takes seconds on one CPU thread (always one: the weights must not depend on the caller's
+thread count) and runs inside ``torch.random.fork_rng``, so a caller's random streams (the trainer's) are
+untouched. The result is cached in ``judge-<fingerprint>.pt``; the
 fingerprint covers the digits' bytes and this file's source, so a change to either retrains. The file holds
 tensors and plain values only (read with ``weights_only=True``) plus a digest of its own tensors: a
 truncated, unreadable or altered cache file is detected, reported and replaced, never used.
@@ -112,6 +113,18 @@ def train_judge(images: np.ndarray, labels: np.ndarray, seed: int = SEED) -> tup
     """(network, held-out accuracy), trained with Adam on the training split; the caller's RNG is kept."""
     train, held_out = held_out_split(labels, seed)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights whatever the caller's thread count (reductions differ)
+    try:
+        network = _fit(x, y, train, seed)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        predicted = network(x[held_out]).argmax(1)
+    return network, float((predicted == y[held_out]).double().mean())
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, train: np.ndarray, seed: int) -> DigitsJudge:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         network = DigitsJudge()
@@ -126,10 +139,7 @@ def train_judge(images: np.ndarray, labels: np.ndarray, seed: int = SEED) -> tup
                 loss.backward()
                 optimizer.step()
             schedule.step()
-    network.eval().requires_grad_(False)
-    with torch.no_grad():
-        predicted = network(x[held_out]).argmax(1)
-    return network, float((predicted == y[held_out]).double().mean())
+    return network.eval().requires_grad_(False)
 
 
 def default_cache_dir() -> Path:

@@ -139,19 +139,21 @@ def load_for_eval(path: Path, *, step: int | None, which: str, device: str,
     return model, objective, run
 
 
-def eval_digits(path: Path, *, count: int, sampler_settings: Mapping[str, Any],
+def eval_digits(path: Path, *, count: int | None, sampler_settings: Mapping[str, Any],
                 objective_settings: Mapping[str, Any], cfg_scale: float | None = None,
-                step: int | None = None, which: str = "ema", seed: int = 0,
+                step: int | None = None, which: str = "ema", seed: int | None = None,
                 cache_dir: Path | None = None, device: str = "auto",
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``dimsum eval digits``: the scores of ``count`` samples, drawn with the run's grid sampler and
-    ``quality.cfg_scale`` (as its trainer's quality hook) unless ``sampler_settings``/``cfg_scale`` say
-    otherwise."""
-    if count <= NEIGHBOURS:
+    """``dimsum eval digits``: the scores of ``count`` samples drawn as the run's quality hook draws them
+    (``None``: the run's ``quality.count`` and ``seed``; its grid sampler and ``quality.cfg_scale`` unless
+    ``sampler_settings``/``cfg_scale`` say otherwise), so the figures it logged are reproduced."""
+    if count is not None and count <= NEIGHBOURS:
         raise QualityError(f"--count: got {count}; expected more than {NEIGHBOURS} samples")
     device = resolve_device(device, "--device")
     model, objective, run = load_for_eval(path, step=step, which=which, device=device,
                                           objective_settings=objective_settings)
+    count = run.quality.count if count is None else count
+    seed = run.seed if seed is None else seed
     sampler = SamplerConfig.from_dict({**run.grid.sampler.to_dict(), **sampler_settings}, "sampler")
     scale = run.quality.cfg_scale if cfg_scale is None else cfg_scale
     judge = load_judge(cache_dir, log=log)

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from shard_helpers import edit_manifest
+from trainer_helpers import CONFIG, dimsum, overrides
 
 from data_pipeline.demo import digits_pixels
 from dimsum.models import build_model, model_config
@@ -146,3 +148,17 @@ def test_eval_digits_scores_exported_weights_and_refuses_other_models(judge_cach
         assert main(["eval", "digits", *extra, "--cache-dir", str(judge_cache)]) == 1
         err = capsys.readouterr().err
         assert err.startswith("dimsum eval digits: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_training_with_quality_on_other_data_is_refused_before_the_first_step(digits_shards: Path,
+                                                                               tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    edit_manifest(shards, lambda m: m["source"].update(name="imagefolder"))
+    proc = dimsum("train", str(CONFIG), *overrides(tmp_path, shards, "other"), "grid.every=2",
+                  "quality.enabled=true")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = ("dimsum train: config error: quality.enabled: got True; the digits judge only scores runs on the "
+            f"digits demo data ('dimsum prepare --demo digits'); {shards} holds imagefolder pixels data")
+    assert line in proc.stderr.splitlines() and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "other").glob("step-*"))

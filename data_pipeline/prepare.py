@@ -32,8 +32,9 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.locations import ShardDestination
+from data_pipeline.manifest import new_manifest, write_json_atomic
 from data_pipeline.preprocess import DecodedImages, collate, encode_with_flip
-from data_pipeline.shards import new_manifest, shard_name, write_json_atomic
+from data_pipeline.shards import shard_name
 from data_pipeline.sources import SOURCES, Source, SourceError, open_source
 from data_pipeline.vae import VAEError, load_vae
 from dimsum.devices import rank_device, resolve_device

@@ -15,7 +15,8 @@ from shard_helpers import declare_member_size, rewrite_block, with_array
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import LatentLoader
-from data_pipeline.shards import ShardError, ShardWriter, iter_blocks, new_manifest, write_json_atomic
+from data_pipeline.manifest import new_manifest, write_json_atomic
+from data_pipeline.shards import ShardError, ShardWriter, iter_blocks
 from data_pipeline.training_data import build_training_data
 from data_pipeline.verify import verify_shard
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipeline.manifest import read_manifest
 from data_pipeline.preprocess import center_crop, to_tensor
-from data_pipeline.shards import decode_block, iter_blocks, read_manifest
+from data_pipeline.shards import decode_block, iter_blocks
 from data_pipeline.vae import load_vae
 from launch import cli
 

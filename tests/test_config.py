@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from dimsum.config import ConfigError
-from launch.config import ExperimentConfig, dump_config, load_config, saved_config
+from launch.cli import COMMANDS
+from launch.config import ExperimentConfig, config_changes, dump_config, load_config, parse_yaml, saved_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DEMO = REPO / "configs" / "demo_cpu.yaml"
@@ -108,8 +109,6 @@ def test_cli_shows_and_saves_resolved_config(experiment_yaml: Path, tmp_path: Pa
 
 
 def test_cli_help_lists_every_registered_command() -> None:
-    from launch.cli import COMMANDS
-
     proc = dimsum_cli("--help", check=True)
     assert all(name in proc.stdout for name in COMMANDS)
     for name in COMMANDS:
@@ -118,8 +117,6 @@ def test_cli_help_lists_every_registered_command() -> None:
 
 
 def test_yaml_refuses_duplicate_keys_and_alias_bombs_but_keeps_merge_keys() -> None:
-    from launch.config import parse_yaml
-
     with pytest.raises(yaml.YAMLError, match="duplicate key 'lr'"):
         parse_yaml("train:\n  lr: 1\n  lr: 2\n")
     levels = "".join(f"{a}: &{a} [{', '.join([f'*{b}'] * 9)}]\n" for b, a in zip("abcdefgh", "bcdefghi",
@@ -131,8 +128,6 @@ def test_yaml_refuses_duplicate_keys_and_alias_bombs_but_keeps_merge_keys() -> N
 
 
 def test_config_changes_name_every_differing_field() -> None:
-    from launch.config import config_changes
-
     saved = {"model": {"depth": 2, "scan_order": "sweep-4"}, "train": {"lr": 1.0}}
     new = {"model": {"depth": 2, "scan_order": "zigzag-8"}, "train": {"lr": 2.0, "warmup_steps": 5}}
     assert config_changes(saved, new) == ["model.scan_order: 'sweep-4' -> 'zigzag-8'", "train.lr: 1.0 -> 2.0",

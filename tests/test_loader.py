@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -216,9 +218,6 @@ def test_moments_are_sampled_then_scaled(tmp_path: Path) -> None:
 
 def test_workers_survive_the_sigterm_slurm_sends_to_every_process(digits_shards: Path) -> None:
     """The trainer turns SIGTERM into a collective save; the loader's workers must keep serving until then."""
-    import os
-    import signal
-
     loader = LatentLoader(DataConfig(shards=str(digits_shards), num_workers=2), batch_size=16, seed=0, rank=0,
                           world_size=1)
     stream = iter(loader)

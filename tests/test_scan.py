@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dimsum.ssm import recurrence, scan
+from dimsum.ssm.mamba import Mamba
 from dimsum.ssm.recurrence import initial_state_correction
 from dimsum.ssm.reference import sequential_scan
 from dimsum.ssm.scan import causal_conv1d, scan_with_zero_state_kernel, selective_scan
@@ -182,8 +183,6 @@ def record_imports(monkeypatch):
 
 
 def test_auto_backend_on_cpu_uses_torch_and_never_imports_cuda_packages(record_imports) -> None:
-    from dimsum.ssm.mamba import Mamba
-
     inputs = make_inputs(dtype=torch.float32)
     assert scan._resolve_backend("auto", inputs["u"]) == "torch"
     selective_scan(**inputs, delta_softplus=True)
@@ -324,8 +323,6 @@ def saved_bytes(fn) -> tuple[int, int]:
 def test_one_mamba_call_saves_o_of_b_d_plus_n_l_on_the_cuda_path() -> None:
     """The cuda path (zero-state kernel + h0 term), with the torch kernels standing in, keeps no
     (B, D, L, N) tensor for backward and no more than the torch backend does."""
-    from dimsum.ssm.mamba import Mamba
-
     batch, d_model, length, state = 2, 32, 64, 16
     torch.manual_seed(0)
     mixer = Mamba(d_model, 8, d_state=state)

@@ -3,8 +3,8 @@
 Sample i's noise comes from its own generator seeded with (seed, i). A sample therefore does not depend
 on the batch it lands in, on the batch size, or on how many processes share the work: under torchrun
 each rank takes a contiguous block of indices (so ranks draw distinct noise deterministically) and rank 0
-merges the blocks in index order. Sampling never touches torch's global generator, so periodic sample
-grids inside training leave the training RNG stream (and bit-exact resume) alone.
+merges the blocks in index order. Sampling never touches torch's global generator (docs/architecture.md,
+determinism contract).
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from dimsum.models.lamamba import released as lamamba_released
 from launch.components import ObjectiveConfig
 from launch.config import saved_config
 from launch.generate.released import convert_released, read_released, released_family
+from launch.logs import warn
 from launch.train.checkpoint import CheckpointManager, damage
 from launch.train.state import client_state, consolidate_ema
 
@@ -113,7 +113,7 @@ def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
         problem = damage(ckpt.path)
         if problem is None:
             for line in problems:
-                print(f"WARNING: {line}; using {ckpt.path.name} instead", file=sys.stderr, flush=True)
+                warn(f"{line}; using {ckpt.path.name} instead")
             return ckpt.path
         problems.append(f"checkpoint {ckpt.path} is damaged: {problem}")
     raise WeightsError("; ".join(problems))

@@ -1,7 +1,6 @@
 """The training loader: a deterministic, resumable stream of latent batches read from WebDataset shards.
 
-Design (the trainer's bit-exact resume relies on it). Batch ``k`` of a rank is a pure function of
-(seed, rank, world_size, k) and the data config; nothing else carries over between batches.
+It keeps the determinism contract of ``training_data.py`` (docs/architecture.md); the design below says how.
 
 * Streams. A rank reads ``S = cfg.num_streams`` independent streams; batch k is batch ``k // S`` of
   stream ``k % S``. DataLoader worker w of W (W divides S) yields batches start_step + w, + W, + 2W, ...,

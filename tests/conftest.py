@@ -13,6 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
+from data_pipeline.demo import build_digits_shards
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,8 +38,6 @@ def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The CPU demo's data set (scikit-learn digits as 1x16x16 pixel shards of 500, 500, 500, 297 samples).
     Shared read-only by the loader, trainer and SLURM tests."""
-    from data_pipeline.demo import build_digits_shards
-
     folder = tmp_path_factory.mktemp("digits") / "shards"
     build_digits_shards(folder)
     return folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,10 @@ import pytest
 import yaml
 
 from dimsum.config import ConfigError
-from launch.config import ExperimentConfig, dump_config, load_config, saved_config
+from dimsum.diffusion import OBJECTIVES
+from launch.cli import COMMANDS
+from launch.components import ObjectiveConfig, option_fields
+from launch.config import ExperimentConfig, config_changes, dump_config, load_config, parse_yaml, saved_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DEMO = REPO / "configs" / "demo_cpu.yaml"
@@ -108,8 +112,6 @@ def test_cli_shows_and_saves_resolved_config(experiment_yaml: Path, tmp_path: Pa
 
 
 def test_cli_help_lists_every_registered_command() -> None:
-    from launch.cli import COMMANDS
-
     proc = dimsum_cli("--help", check=True)
     assert all(name in proc.stdout for name in COMMANDS)
     for name in COMMANDS:
@@ -118,8 +120,6 @@ def test_cli_help_lists_every_registered_command() -> None:
 
 
 def test_yaml_refuses_duplicate_keys_and_alias_bombs_but_keeps_merge_keys() -> None:
-    from launch.config import parse_yaml
-
     with pytest.raises(yaml.YAMLError, match="duplicate key 'lr'"):
         parse_yaml("train:\n  lr: 1\n  lr: 2\n")
     levels = "".join(f"{a}: &{a} [{', '.join([f'*{b}'] * 9)}]\n" for b, a in zip("abcdefgh", "bcdefghi",
@@ -131,8 +131,6 @@ def test_yaml_refuses_duplicate_keys_and_alias_bombs_but_keeps_merge_keys() -> N
 
 
 def test_config_changes_name_every_differing_field() -> None:
-    from launch.config import config_changes
-
     saved = {"model": {"depth": 2, "scan_order": "sweep-4"}, "train": {"lr": 1.0}}
     new = {"model": {"depth": 2, "scan_order": "zigzag-8"}, "train": {"lr": 2.0, "warmup_steps": 5}}
     assert config_changes(saved, new) == ["model.scan_order: 'sweep-4' -> 'zigzag-8'", "train.lr: 1.0 -> 2.0",
@@ -162,3 +160,37 @@ def test_a_config_saved_before_the_sections_loads_as_flow_on_its_path() -> None:
     cfg = saved_config(saved)
     assert (cfg.objective.kind, cfg.objective.path, cfg.grid.every, cfg.grid.count) == ("flow", "GVP", 0, 80)
     assert cfg.grid.sampler.method == "euler"
+
+
+class _Sharpened:
+    """Stand-in objectives for the options table: one with an option of its own and one ddpm has too."""
+
+    def __init__(self, sharpness: float = 2.0, timesteps: int = 1000) -> None:
+        self.sharpness, self.timesteps = sharpness, timesteps
+
+
+class _OtherTimesteps:
+    def __init__(self, timesteps: int = 500) -> None:
+        self.timesteps = timesteps
+
+
+class _NoDefault:
+    def __init__(self, sharpness: float) -> None:
+        self.sharpness = sharpness
+
+
+def test_objective_options_are_read_off_the_registered_constructors() -> None:
+    fields = [f.name for f in dataclasses.fields(ObjectiveConfig)]
+    assert fields == ["kind", "path", "time_sampling", "timesteps"]
+    fields = option_fields({**OBJECTIVES, "sharpened": _Sharpened})
+    assert [(name, field.default) for name, _, field in fields] == [
+        ("path", "GVP"), ("time_sampling", "uniform"), ("timesteps", 1000), ("sharpness", 2.0)]
+
+
+@pytest.mark.parametrize(("objective", "problem"), [
+    (_OtherTimesteps, "option 'timesteps' differs from another objective's"),
+    (_NoDefault, "option 'sharpness' needs a type annotation and a default"),
+])
+def test_an_objective_option_that_cannot_be_a_config_field_is_refused(objective: type, problem: str) -> None:
+    with pytest.raises(TypeError, match=f"objective 'bad': {problem}"):
+        option_fields({**OBJECTIVES, "bad": objective})

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from trainer_helpers import REPO, base_env, complete_steps, dimsum, ok, overrides
 
 from launch.train.checkpoint import OURS
@@ -156,8 +157,6 @@ def test_stray_marked_directory_falls_back_and_is_recorded_in_mlflow(run: Path, 
     log = resume(run, reference[1], tracking=True)
     assert "step-0000099 is damaged: written without checksums" in log and "resumed from step-0000004" in log
     assert (run / "step-0000099.damaged" / "COMPLETE").is_file()
-
-    from mlflow.tracking import MlflowClient
 
     run_id = (run / "mlflow_run_id").read_text().strip()
     tags = MlflowClient(f"sqlite:///{run / 'mlflow.db'}").get_run(run_id).data.tags

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dimsum.ssm import scan
 from dimsum.ssm.mamba import Mamba
-from dimsum.ssm.scan import sequential_scan
+from dimsum.ssm.reference import sequential_scan
 
 PINNED = {"mamba-ssm": "2.3.2.post1", "causal-conv1d": "1.7.0"}
 INPUT_TYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from dimsum.ssm import scan
-from dimsum.ssm.scan import sequential_scan
+from dimsum.ssm.reference import sequential_scan
 from dimsum.ssm.ss2d import SS2D
 
 CALLS: list[str] = []

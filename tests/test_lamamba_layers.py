@@ -17,7 +17,7 @@ from dimsum.nn.window_attention import (
     window_partition,
     window_reverse,
 )
-from dimsum.ssm.scan import sequential_scan
+from dimsum.ssm.reference import sequential_scan
 from dimsum.ssm.scan_orders import snake_cross_scan_indices, snake_cross_scan_paths
 from dimsum.ssm.ss2d import SS2D
 

@@ -16,7 +16,7 @@ from dimsum.models import build_model, count_parameters, forward_gmacs, model_co
 from dimsum.models.lamamba import flops as lamamba_flops
 from dimsum.models.lamamba.released import config_from_state_dict, from_released, to_released
 from dimsum.ssm import ss2d
-from dimsum.ssm.scan import sequential_scan
+from dimsum.ssm.reference import sequential_scan
 from launch.cli.models import model_rows
 
 SPEC = Path("/work/shared/spec")  # as tests/test_convert.py

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ from shard_helpers import declare_member_size, rewrite_block, with_array
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import LatentLoader
-from data_pipeline.shards import ShardError, ShardWriter, iter_blocks, new_manifest, write_json_atomic
+from data_pipeline.manifest import new_manifest, write_json_atomic
+from data_pipeline.shards import ShardError, ShardWriter, iter_blocks
 from data_pipeline.training_data import build_training_data
 from data_pipeline.verify import verify_shard
 
@@ -215,9 +218,6 @@ def test_moments_are_sampled_then_scaled(tmp_path: Path) -> None:
 
 def test_workers_survive_the_sigterm_slurm_sends_to_every_process(digits_shards: Path) -> None:
     """The trainer turns SIGTERM into a collective save; the loader's workers must keep serving until then."""
-    import os
-    import signal
-
     loader = LatentLoader(DataConfig(shards=str(digits_shards), num_workers=2), batch_size=16, seed=0, rank=0,
                           world_size=1)
     stream = iter(loader)

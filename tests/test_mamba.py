@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dimsum.ssm.mamba import Mamba
-from dimsum.ssm.scan import sequential_scan
+from dimsum.ssm.reference import sequential_scan
 
 SPEC = Path("/work/shared/spec")
 PREFIX = "blocks.0.spatial_mamba.mixer."

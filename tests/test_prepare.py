@@ -11,13 +11,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
+import skimage.data
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 
+from data_pipeline.manifest import read_manifest
 from data_pipeline.preprocess import center_crop, to_tensor
-from data_pipeline.shards import decode_block, iter_blocks, read_manifest
+from data_pipeline.shards import decode_block, iter_blocks
 from data_pipeline.vae import load_vae
 from launch import cli
 
@@ -30,8 +34,6 @@ PHOTOS = {  # ImageNet-style: class folder -> {file name: scikit-image sample}
 
 
 def _save_photos(root: Path) -> None:
-    import skimage.data
-
     for cls, files in PHOTOS.items():
         (root / cls).mkdir(parents=True)
         for name, sample in files.items():
@@ -107,8 +109,6 @@ def test_photos_imagenet_layout(photos: Path, tiny_vae_dir: Path, tmp_path: Path
 
 
 def test_digits_imagenet_layout(tiny_vae_dir: Path, tmp_path: Path) -> None:
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     for i in range(30):
         folder = tmp_path / "digits" / f"digit{digits.target[i]}"
@@ -143,8 +143,6 @@ def test_flat_folder_skips_corrupt_image(photos: Path, tiny_vae_dir: Path, tmp_p
 
 
 def test_lmdb_source(photos: Path, tiny_vae_dir: Path, tmp_path: Path) -> None:
-    import lmdb
-
     files = sorted(photos.glob("*/*"))[:4]
     with lmdb.open(str(tmp_path / "celeba.lmdb"), map_size=1 << 26) as env, env.begin(write=True) as txn:
         for i, path in enumerate(files):  # the CelebA-HQ converter's layout: "<size>-<index>" + "length"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from dimsum.models import ModelConfig, build_model, model_config
@@ -81,8 +82,6 @@ def test_sample_writes_grid_and_adm_npz_through_the_vae(latent_weights, tiny_vae
     assert images.dtype == np.uint8 and images.shape == (3, 64, 64, 3)
     assert labels.dtype == np.int64 and labels.tolist() == [0, 1, 2]
     assert images.std() > 0
-    from PIL import Image
-
     grid = Image.open(out / "grid.png")
     assert grid.size == (2 * 66 + 2, 2 * 66 + 2) and grid.mode == "RGB"
     info = json.loads((out / "info.json").read_text())

@@ -11,14 +11,11 @@ import types
 import pytest
 import torch
 
-from dimsum.ssm import scan
-from dimsum.ssm.scan import (
-    causal_conv1d,
-    initial_state_correction,
-    scan_with_zero_state_kernel,
-    selective_scan,
-    sequential_scan,
-)
+from dimsum.ssm import recurrence, scan
+from dimsum.ssm.mamba import Mamba
+from dimsum.ssm.recurrence import initial_state_correction
+from dimsum.ssm.reference import sequential_scan
+from dimsum.ssm.scan import causal_conv1d, scan_with_zero_state_kernel, selective_scan
 
 GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
 
@@ -83,7 +80,7 @@ def test_channel_blocks_cover_all_channels_with_a_ragged_last_block(monkeypatch)
     """The torch backend walks over channel blocks; force several (and a partial one) at tiny sizes."""
     inputs = make_inputs(dim=7, length=9)
     reference = run(sequential_scan, inputs)
-    monkeypatch.setattr(scan, "CPU_BLOCK_ELEMENTS", 2 * 9 * 4 * 3)  # 3 channels per block: 3 + 3 + 1
+    monkeypatch.setattr(recurrence, "CPU_BLOCK_ELEMENTS", 2 * 9 * 4 * 3)  # 3 channels per block: 3 + 3 + 1
     x = torch.zeros(9, 2, 7)
     blocks = list(scan._blocks(x, 4, (x,), None, work=1))
     assert [s.indices(7) for s, _, _, _ in blocks] == [(0, 3, 1), (3, 6, 1), (6, 7, 1)]
@@ -186,8 +183,6 @@ def record_imports(monkeypatch):
 
 
 def test_auto_backend_on_cpu_uses_torch_and_never_imports_cuda_packages(record_imports) -> None:
-    from dimsum.ssm.mamba import Mamba
-
     inputs = make_inputs(dtype=torch.float32)
     assert scan._resolve_backend("auto", inputs["u"]) == "torch"
     selective_scan(**inputs, delta_softplus=True)
@@ -276,18 +271,18 @@ def einsum_initial_state_correction(delta, A, C, h0):
 
 
 def gated_h0_term(delta, A, C, h0, z, delta_bias, delta_softplus):  # noqa: PLR0917
-    return scan._InitialStateTerm.apply(delta, delta_bias, delta_softplus, A, C, h0, z)
+    return recurrence.InitialStateTerm.apply(delta, delta_bias, delta_softplus, A, C, h0, z)
 
 
 def gated_einsum_h0_term(delta, A, C, h0, z, delta_bias, delta_softplus):  # noqa: PLR0917
-    delta = scan._prepare_delta(delta, delta_bias, delta_softplus, torch.float64)
+    delta = recurrence.prepare_delta(delta, delta_bias, delta_softplus, torch.float64)
     return einsum_initial_state_correction(delta, A, C, h0) * torch.nn.functional.silu(z)
 
 
 @pytest.mark.parametrize("block_elements", [1 << 19, 2 * 11 * 4 * 3])  # one block; 3 + 3 + 1 channels
 def test_blocked_h0_term_equals_the_einsum_in_values_and_every_gradient(monkeypatch, block_elements) -> None:
     """Values and the gradients of delta (through cumsum and softplus), delta_bias, A, C, h0 and z."""
-    monkeypatch.setattr(scan, "CPU_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(recurrence, "CPU_BLOCK_ELEMENTS", block_elements)
     inputs = {k: v for k, v in make_inputs(dim=7, length=11).items() if k not in ("u", "B", "D")}
     inputs["delta"][0, 0, :3] = 30.0  # above softplus's linear threshold
     assert_same(run(gated_h0_term, inputs), run(gated_einsum_h0_term, inputs), atol=1e-14, rtol=1e-13)
@@ -328,8 +323,6 @@ def saved_bytes(fn) -> tuple[int, int]:
 def test_one_mamba_call_saves_o_of_b_d_plus_n_l_on_the_cuda_path() -> None:
     """The cuda path (zero-state kernel + h0 term), with the torch kernels standing in, keeps no
     (B, D, L, N) tensor for backward and no more than the torch backend does."""
-    from dimsum.ssm.mamba import Mamba
-
     batch, d_model, length, state = 2, 32, 64, 16
     torch.manual_seed(0)
     mixer = Mamba(d_model, 8, d_state=state)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from test_scan import GRAD_INPUTS, assert_same, run
 
-from dimsum.ssm.scan import selective_scan, sequential_scan
+from dimsum.ssm.reference import sequential_scan
+from dimsum.ssm.scan import selective_scan
 
 
 def make_grouped(batch=2, groups=4, per_group=3, length=13, *, state=1, seed=0) -> dict[str, torch.Tensor]:

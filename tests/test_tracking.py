@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from data_pipeline.demo import build_digits_shards
 from launch.train.tracking import MLflowTracker, embedded_uri, flatten, make_tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,8 +122,6 @@ def mlflow_server(tmp_path: Path):
 @pytest.mark.slow
 def test_training_logs_to_a_real_server_and_finishes_when_it_dies(tmp_path: Path, mlflow_server) -> None:
     uri, server = mlflow_server
-    from data_pipeline.demo import build_digits_shards
-
     build_digits_shards(tmp_path / "shards")
     release = tmp_path / "release"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MLFLOW_TRACKING_URI")}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from trainer_helpers import (
     CONFIG,
     REPO,
@@ -93,8 +94,6 @@ def test_zero2_kill_and_resume_is_bit_exact_and_continues_the_mlflow_run(
     log = ok(torchrun(args))
     assert "resumed from step-0000006" in log
     assert_same_weights(zero2_reference, run)
-
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
     run_id = client_state(run / "step-0000008")["mlflow_run_id"]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import save_file
 from shard_helpers import (
@@ -37,6 +38,7 @@ from shard_helpers import (
 
 from dimsum.models import build_model, model_config
 from launch.generate.weights import CONFIG_METADATA_KEY
+from launch.train.tracking import saved_run_id
 
 REPO = Path(__file__).resolve().parents[1]
 DIMSUM = [sys.executable, "-m", "launch.cli"]
@@ -301,10 +303,6 @@ def test_unknown_deepspeed_extra_keys_are_named_in_a_warning() -> None:
 @pytest.mark.slow
 def test_skipped_samples_are_counted_per_window_in_mlflow_and_totalled(tmp_path: Path,
                                                                       digits_shards: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from launch.train.tracking import saved_run_id
-
     world = World(tmp_path, digits_shards, {})
     shards = world.shards(every_shard(lambda f, i: rewrite_block(f, i, 0, with_array("latent.npy",
                                                                                      set_row(np.nan)))))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
 from shard_helpers import npy, rewrite_block, set_row, with_array
 
 from data_pipeline.demo import build_digits_shards
@@ -101,8 +102,6 @@ def test_parallel_workers_report_the_same(shards: Path, capsys: pytest.CaptureFi
 
 def test_shards_are_plain_webdataset(clean: Path) -> None:
     """Other tools can stream the shards with the stock WebDataset pipeline (a sample is a block)."""
-    import webdataset as wds
-
     urls = [str(p) for p in sorted(clean.glob("shard-*.tar"))]
     blocks = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert sum(len(b["cls.npy"]) for b in blocks) == 1797 and len(blocks) == 8 + 8 + 8 + 5

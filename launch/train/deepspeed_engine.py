@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dimsum.config import ConfigError
@@ -90,8 +91,6 @@ def master_fragments(engine: Any) -> dict[str, tuple[int, Tensor]]:
     ``partition_numel()`` elements per rank, the last one padded. Views are re-linked by DeepSpeed after
     ``load_checkpoint``, so call this again after loading.
     """
-    import torch.distributed as dist
-
     frags: dict[str, tuple[int, Tensor]] = {}
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:

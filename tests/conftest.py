@@ -15,8 +15,6 @@ import torch
 
 from data_pipeline.demo import build_digits_shards
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

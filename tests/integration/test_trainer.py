@@ -225,9 +225,8 @@ def test_nonfinite_losses_are_skipped_on_all_ranks_then_stop_the_run(root: Path,
 def test_bad_config_fails_before_any_work_with_the_field_named(root: Path, digits_shards: Path,
                                                               zero2_reference: Path) -> None:
     def train(*args: str, world: str = "2") -> subprocess.CompletedProcess:
-        env = base_env(RANK="0", WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        return subprocess.run([sys.executable, "-m", "launch.cli", "train", str(CONFIG), *args], env=env,
-                              capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+        return dimsum("train", str(CONFIG), *args, timeout=120, RANK="0", WORLD_SIZE=world,
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
     proc = train(*overrides(root, digits_shards, "bad", global_batch=7))
     assert proc.returncode == 2

@@ -14,6 +14,7 @@ import torch
 
 from launch.generate.weights import load_run_weights
 from launch.train.checkpoint import CheckpointManager
+from tests.support import forked_cli
 from tests.support.paths import REPO
 
 CONFIG = REPO / "configs" / "demo_cpu.yaml"
@@ -40,10 +41,12 @@ def torchrun(args: list[str], faults: str = "", timeout: float = 300,
                           timeout=timeout, cwd=REPO, check=False)
 
 
-def dimsum(*args: str, faults: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
-    """One ``dimsum`` process (``train`` then runs as a single rank, no launcher)."""
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], env=base_env(DIMSUM_FAULTS=faults),
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
+def dimsum(*args: str, faults: str = "", timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """One ``dimsum`` process (``train`` then runs as a single rank, no launcher), forked from the
+    session's warm interpreter (tests/support/forked_cli.py)."""
+    return forked_cli.run("launch.cli", list(args), base_env(DIMSUM_FAULTS=faults, **env), REPO, timeout)
+
+
 
 
 def ok(proc: subprocess.CompletedProcess, code: int = 0) -> str:

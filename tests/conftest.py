@@ -15,6 +15,13 @@ import torch
 
 from data_pipeline.demo import build_digits_shards
 
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The in-process tests first, for quick feedback; tests/integration/ (real processes) after them."""
+    items.sort(key=lambda item: item.path.is_relative_to(INTEGRATION))
+
 
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from launch.train.checkpoint import OURS
+from tests.support import forked_cli
 from tests.support.trainer_helpers import REPO, base_env, complete_steps, dimsum, ok, overrides
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -107,8 +107,7 @@ def test_planted_file_with_valid_checksums_is_refused_by_the_safe_loader(run: Pa
 
 
 def dimsum_seal(step: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.train.checkpoint", "seal", str(step)],
-                          env=base_env(), capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    return forked_cli.run("launch.train.checkpoint", ["seal", str(step)], base_env(), REPO, timeout=120)
 
 
 def truncate(step: Path) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,15 @@ from data_pipeline.config import DataConfig
 from data_pipeline.loader import LatentLoader
 from data_pipeline.shards import ShardError
 from tests.support.http_servers import serve
-from tests.support.trainer_helpers import assert_same_weights, complete_steps, dimsum, ok, overrides, torchrun
+from tests.support.trainer_helpers import (
+    ZERO2,
+    assert_same_weights,
+    complete_steps,
+    dimsum,
+    ok,
+    overrides,
+    torchrun,
+)
 
 SHARDS = "shard-{000000..000003}.tar"  # the digits data set: 500, 500, 500, 297 samples
 BATCHES = 20  # 10 per stream: two passes of 500 and beyond
@@ -126,14 +135,14 @@ def test_prepare_to_a_pipe_then_verify_over_http(digits_shards: Path, tmp_path: 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_training_from_http_killed_mid_shard_and_resumed_matches_the_local_run(digits_shards: Path,
-                                                                              tmp_path: Path) -> None:
-    ok(torchrun(overrides(tmp_path, digits_shards, "local", max_steps=6)))
+def test_training_from_http_killed_mid_shard_and_resumed_matches_the_local_run(
+        digits_shards: Path, tmp_path: Path, zero2_reference_of: Callable[[str], Path]) -> None:
+    local = zero2_reference_of("dimsum-flow")  # the same settings, read from the local folder
     with serve(digits_shards) as server:
         # 2 ranks x 4 images per step: the kill at step 5 and the resume from step 4 fall inside a shard
-        args = overrides(tmp_path, f"{server.url}/{SHARDS}", "http", workers=1, max_steps=6)
+        args = [*overrides(tmp_path, f"{server.url}/{SHARDS}", "http", workers=1, max_steps=8), *ZERO2]
         killed = torchrun(args, faults="kill@5:1")
         assert killed.returncode != 0 and complete_steps(tmp_path / "http") == [2, 4]
         assert "resumed from step-0000004" in ok(torchrun(args))
         assert server.gets("manifest.json") >= 4  # each rank of each attempt read it over HTTP
-    assert_same_weights(tmp_path / "local", tmp_path / "http")
+    assert_same_weights(local, tmp_path / "http")

@@ -26,6 +26,8 @@ from tests.support.paths import FIXTURES
 from tests.support.trainer_helpers import (
     CONFIG,
     REPO,
+    RUNS,
+    ZERO2,
     assert_same_weights,
     base_env,
     complete_steps,
@@ -41,32 +43,10 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 ZERO3 = ["deepspeed.zero_stage=3", "deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0"]
 
 
-# the ZeRO-2 runs also make EMA sample grids mid-run, which must not disturb the training RNG
-ZERO2 = ["deepspeed.zero_stage=2", "grid.every=4", "grid.count=4", "grid.sampler.steps=2"]
-# the ZeRO-2 kill/resume matrix: the demo's DiMSUM under flow matching, and LaMamba-debug under DDPM
-RUNS = {"dimsum-flow": [], "lamamba-ddpm": ["model.name=LaMamba-debug", "model.patch_size=1",
-                                             "objective.kind=ddpm", "grid.sampler.method=ddpm"]}
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
-
-
-@pytest.fixture(scope="module")
-def zero2_reference_of(root: Path, digits_shards: Path) -> Callable[[str], Path]:
-    """The uninterrupted 8-step ZeRO-2 run of one of :data:`RUNS`, made once per module."""
-    made: dict[str, Path] = {}
-
-    def reference(kind: str) -> Path:
-        if kind not in made:
-            name = "z2-ref" if kind == "dimsum-flow" else f"z2-ref-{kind}"
-            ok(torchrun([*overrides(root, digits_shards, name, max_steps=8), *ZERO2, *RUNS[kind]]))
-            assert (root / name / "samples" / "step-0000004.png").is_file()
-            made[kind] = root / name
-        return made[kind]
-
-    return reference
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +204,8 @@ def test_nonfinite_losses_are_skipped_on_all_ranks_then_stop_the_run(root: Path,
 def test_bad_config_fails_before_any_work_with_the_field_named(root: Path, digits_shards: Path,
                                                               zero2_reference: Path) -> None:
     def train(*args: str, world: str = "2") -> subprocess.CompletedProcess:
-        env = base_env(RANK="0", WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        return subprocess.run([sys.executable, "-m", "launch.cli", "train", str(CONFIG), *args], env=env,
-                              capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+        return dimsum("train", str(CONFIG), *args, timeout=120, RANK="0", WORLD_SIZE=world,
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
     proc = train(*overrides(root, digits_shards, "bad", global_batch=7))
     assert proc.returncode == 2
@@ -238,21 +217,7 @@ def test_bad_config_fails_before_any_work_with_the_field_named(root: Path, digit
     assert proc.returncode == 2 and "model.in_channels: got 4" in proc.stderr and "1 channels" in proc.stderr
     assert not (root / "bad").exists()
     # resume with another world size
-    proc = train(*overrides(root, digits_shards, "z2-ref", max_steps=9), world="1")
+    reference = overrides(zero2_reference.parent, digits_shards, zero2_reference.name, max_steps=9)
+    proc = train(*reference, world="1")
     assert proc.returncode == 1 and "was written by 2 ranks but this job has 1" in proc.stderr
     assert complete_steps(zero2_reference) == [6, 8]
-
-
-def test_demo_command_end_to_end_smoke(tmp_path: Path) -> None:
-    """``dimsum demo`` (the README's main job) with a 2-step budget: trains, samples, exports, explains."""
-    args = [f"output_root={tmp_path}", f"data.shards={tmp_path / 'shards'}", "data.num_workers=0",
-            "train.global_batch=8", "train.max_steps=2", "train.ckpt_every=2", "grid.every=2",
-            "grid.count=4", "grid.sampler.steps=2"]
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "demo", *args], env=base_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False)
-    out = ok(proc)
-    run = tmp_path / "demo_cpu"
-    assert (tmp_path / "shards" / "manifest.json").is_file()
-    assert (run / "samples" / "step-0000002.png").is_file()
-    assert (run / "export" / "step-0000002-ema.safetensors").is_file()
-    assert f"mlflow ui --backend-store-uri sqlite:///{run.resolve() / 'mlflow.db'}" in out

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from dimsum.models import build_model, model_config
 from launch.generate.weights import CONFIG_METADATA_KEY
 from launch.train.tracking import saved_run_id
+from tests.support import forked_cli
 from tests.support.paths import REPO
 from tests.support.shard_helpers import (
     declare_member_size,
@@ -41,7 +42,6 @@ from tests.support.shard_helpers import (
     with_array,
 )
 
-DIMSUM = [sys.executable, "-m", "launch.cli"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 CONFIG = str(REPO / "configs" / "demo_cpu.yaml")
 BOUND_S = 240  # generous for a shared 2-core machine; every row takes seconds
@@ -56,9 +56,13 @@ def env() -> dict[str, str]:
             "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
-def dimsum(args: list[str], launcher: list[str] = DIMSUM) -> subprocess.CompletedProcess:
-    return subprocess.run([*launcher, *map(str, args)], env=env(), capture_output=True, text=True,
-                          timeout=BOUND_S, cwd=REPO, check=False)
+def dimsum(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m launch.cli ARGS`` forked from the session's warm interpreter, or under ``launcher``."""
+    args = [str(a) for a in args]
+    if launcher is None:
+        return forked_cli.run("launch.cli", args, env(), REPO, BOUND_S)
+    return subprocess.run([*launcher, *args], env=env(), capture_output=True, text=True, timeout=BOUND_S,
+                          cwd=REPO, check=False)
 
 
 @dataclasses.dataclass

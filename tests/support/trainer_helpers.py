@@ -1,6 +1,6 @@
-"""Helpers shared by the trainer tests (test_trainer.py, test_slurm.py, test_faults_*.py): tiny-run
-overrides, the real ``torchrun``/``dimsum`` commands, and bit-exact comparison of two runs' final weights
-and EMA."""
+"""Helpers shared by the trainer tests (test_trainer.py, test_slurm.py, test_faults_*.py, ...): tiny-run
+overrides, the ZeRO-2 reference settings, the real ``torchrun``/``dimsum`` commands, and bit-exact
+comparison of two runs' final weights and EMA."""
 
 from __future__ import annotations
 
@@ -14,9 +14,15 @@ import torch
 
 from launch.generate.weights import load_run_weights
 from launch.train.checkpoint import CheckpointManager
+from tests.support import forked_cli
 from tests.support.paths import REPO
 
 CONFIG = REPO / "configs" / "demo_cpu.yaml"
+# the ZeRO-2 reference runs also make EMA sample grids mid-run, which must not disturb the training RNG
+ZERO2 = ["deepspeed.zero_stage=2", "grid.every=4", "grid.count=4", "grid.sampler.steps=2"]
+# the ZeRO-2 kill/resume matrix: the demo's DiMSUM under flow matching, and LaMamba-debug under DDPM
+RUNS = {"dimsum-flow": [], "lamamba-ddpm": ["model.name=LaMamba-debug", "model.patch_size=1",
+                                             "objective.kind=ddpm", "grid.sampler.method=ddpm"]}
 
 
 def free_port() -> int:
@@ -40,10 +46,10 @@ def torchrun(args: list[str], faults: str = "", timeout: float = 300,
                           timeout=timeout, cwd=REPO, check=False)
 
 
-def dimsum(*args: str, faults: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
-    """One ``dimsum`` process (``train`` then runs as a single rank, no launcher)."""
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], env=base_env(DIMSUM_FAULTS=faults),
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
+def dimsum(*args: str, faults: str = "", timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """One ``dimsum`` process (``train`` then runs as a single rank, no launcher), forked from the
+    session's warm interpreter (tests/support/forked_cli.py)."""
+    return forked_cli.run("launch.cli", list(args), base_env(DIMSUM_FAULTS=faults, **env), REPO, timeout)
 
 
 def ok(proc: subprocess.CompletedProcess, code: int = 0) -> str:

@@ -36,7 +36,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dimsum.errors import UserError
 
@@ -115,14 +115,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_file_list(step_dir: Path, rank: int, files: Iterable[Path]) -> None:
-    """Flush this rank's ``files`` and record their sizes and sha256 (read back from the page cache)."""
+    """Flush this rank's ``files`` and record their sizes and sha256 (read back from the page cache), by
+    their path relative to ``step_dir`` (a world-size-independent copy keeps files in subfolders)."""
     entries = {}
     for file in sorted(set(files)):
-        if file.parent != step_dir:
+        if not file.is_relative_to(step_dir) or file == step_dir:
             raise OSError(f"checkpoint file {file} is outside its directory {step_dir}")
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
-        entries[file.name] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+        entries[file.relative_to(step_dir).as_posix()] = {"bytes": file.stat().st_size,
+                                                          "sha256": sha256_file(file)}
     atomic_write_text(step_dir / file_list_name(rank), json.dumps({"rank": rank, "files": entries}) + "\n")
 
 
@@ -136,11 +138,14 @@ def damage(step_dir: Path) -> str | None:
     (no planted file) is in the directory."""
     try:
         expected, listed = _file_lists(step_dir)
-        for name in sorted({p.name for p in step_dir.iterdir()} - expected - listed.keys()):
+        folders = {parent.as_posix() for name in listed for parent in PurePosixPath(name).parents}
+        present = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")}
+        for name in sorted(present - expected - listed.keys() - folders):
             raise _DamageError(f"{name} is not one of the files the ranks wrote")
         for name, entry in sorted(listed.items()):
             path = step_dir / name
-            if "/" in name or name in expected or not path.is_file():
+            if ".." in PurePosixPath(name).parts or name.startswith("/") or name in expected \
+                    or not path.is_file():
                 raise _DamageError(f"{name} is missing")
             if path.stat().st_size != entry["bytes"]:
                 raise _DamageError(f"{name} has {path.stat().st_size} bytes, {entry['bytes']} were written")

@@ -42,10 +42,13 @@ def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
     return micro, train.global_batch // (micro * world_size)
 
 
-def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
-    """The ds_config dict: batch layout, AdamW, clipping, warm-up, ZeRO stage, plus ``deepspeed.extra``."""
+def deepspeed_config(cfg: ExperimentConfig, world_size: int, layout: tuple[int, int] | None = None,
+                     universal: bool = False) -> dict[str, Any]:
+    """The ds_config dict: batch layout (``layout`` = (micro, accumulation), default :func:`batch_layout`),
+    AdamW, clipping, warm-up, ZeRO stage, plus ``deepspeed.extra``; ``universal`` makes ``load_checkpoint``
+    read a world-size-independent copy (launch/train/reshard.py)."""
     train = cfg.train
-    micro, accum = batch_layout(train, world_size)
+    micro, accum = layout or batch_layout(train, world_size)
     clashes = [k for k in RESERVED_DS_KEYS if k in cfg.deepspeed.extra]
     if clashes:
         raise ConfigError(f"deepspeed.extra.{clashes[0]}", cfg.deepspeed.extra[clashes[0]],
@@ -64,6 +67,8 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if universal:
+        ds["checkpoint"] = {"load_universal": True}
     if train.warmup_steps:
         ds["scheduler"] = {"type": "WarmupLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_num_steps": train.warmup_steps,
@@ -71,19 +76,21 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     return deep_merge(ds, cfg.deepspeed.extra)
 
 
-def initialize(model: nn.Module, cfg: ExperimentConfig, world_size: int) -> Any:
+def initialize(model: nn.Module, cfg: ExperimentConfig, world_size: int, *,
+               layout: tuple[int, int] | None = None, universal: bool = False) -> Any:
     """``deepspeed.initialize`` on ``model`` with :func:`deepspeed_config`; returns the engine."""
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad],
-                                      config=deepspeed_config(cfg, world_size))
+                                      config=deepspeed_config(cfg, world_size, layout, universal))
     return engine
 
 
-def master_fragments(engine: Any) -> dict[str, tuple[int, Tensor]]:
-    """name -> (offset into the flattened parameter, view of this rank's slice of its fp32 master weight).
+def master_fragments(engine: Any, state: str = "fp32") -> dict[str, tuple[int, Tensor]]:
+    """name -> (offset into the flattened parameter, view of this rank's slice of its fp32 master weight,
+    or of an optimizer state of it such as ``exp_avg`` when ``state`` names one).
 
     ZeRO-1/2 cut the flat fp32 buffer into equal rank partitions, so a parameter may be split between
     ranks or absent from this one (``_hp_mapping`` is None). ZeRO-3 partitions each parameter into
@@ -92,20 +99,23 @@ def master_fragments(engine: Any) -> dict[str, tuple[int, Tensor]]:
     """
     import torch.distributed as dist
 
+    optim_state = None if state == "fp32" else state
     frags: dict[str, tuple[int, Tensor]] = {}
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
             continue  # frozen weights never change; exports take them from the model itself
         if hasattr(param, "ds_id"):
-            from deepspeed.utils import safe_get_local_fp32_param
+            from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
             size = param.partition_numel()
             offset = dist.get_rank() * size
             valid = max(0, min(size, param.ds_numel - offset))
-            frags[name] = (offset, safe_get_local_fp32_param(param).narrow(0, 0, valid))
+            local = (safe_get_local_fp32_param(param) if optim_state is None
+                     else safe_get_local_optimizer_state(param, optim_state))
+            frags[name] = (offset, local.narrow(0, 0, valid))
         elif getattr(param, "_hp_mapping", None) is not None:
             mapping = param._hp_mapping
-            frags[name] = (mapping.lp_fragment_address.start, mapping.get_hp_fragment())
+            frags[name] = (mapping.lp_fragment_address.start, mapping.get_hp_fragment(optim_state))
     return frags
 
 

@@ -180,7 +180,7 @@ def write_latent_shards(out: Path, samples: int, shape: tuple[int, int, int]) ->
 
 def train_step_figures(name: str, micro: int, device: str, tmp: Path, dry_run: bool) -> dict[str, Any]:
     from launch.config import load_config
-    from launch.train.metrics import device_peak_tflops
+    from launch.train.metrics import StepMeter, device_peak_tflops
     from launch.train.trainer import Trainer
 
     warmup, timed = (1, 2) if dry_run else (2, 5)
@@ -209,11 +209,12 @@ def train_step_figures(name: str, micro: int, device: str, tmp: Path, dry_run: b
             times.append(time.perf_counter() - began)
         step = statistics.median(times)
         images_per_s = micro / step
-        tflops = images_per_s * trainer.meter.train_flops_per_image / 1e12
+        meter = StepMeter(trainer.cfg.model, micro, 1, device, trainer.out_channels)
+        tflops = images_per_s * meter.train_flops_per_image / 1e12
         peak = device_peak_tflops(device)
         return {"micro_batch": micro, "backend": trainer.cfg.model.backend, "step_s": step,
                 "images_per_s": images_per_s, "tflops": tflops, "mfu": tflops / peak if peak else None,
-                "peak_memory_gib": peak_gib(device), "loss_finite": math.isfinite(trainer.loss_sum)}
+                "peak_memory_gib": peak_gib(device), "loss_finite": math.isfinite(trainer.report.loss)}
     finally:
         trainer.close()
 

@@ -4,9 +4,9 @@ Both sides train the same model (same config, same seed) on the same digits data
 size, AdamW, gradient clipping and transport loss, in this one process:
 
 * bare:    ``for x, y in tensors: loss.backward(); clip; opt.step(); opt.zero_grad()`` on in-memory batches;
-* trainer: ``Trainer.train_step`` = DeepSpeed ZeRO-2 engine, fp32 EMA of the master weights, the
-  LatentLoader reading shards of the same data, non-finite/preemption all-reduce, step meter, plus
-  ``log_progress`` (MLflow, embedded store) every ``--log-every`` steps.
+* trainer: ``Trainer.step`` = DeepSpeed ZeRO-2 engine, fp32 EMA of the master weights, the
+  LatentLoader reading shards of the same data, non-finite/preemption all-reduce and the hooks: step
+  meter, progress line and MLflow metrics (embedded store) every ``--log-every`` steps.
 
 Blocks of steps alternate between the two so machine noise hits both alike; the ratio of median step
 times is printed (goal <= 1.15x). Then a checkpoint save is timed and printed as a multiple of one step.
@@ -144,23 +144,18 @@ def main() -> int:
     bare = bare_loop(cfg, batches)
     times: dict[str, list[float]] = {"bare": [], "trainer": []}
 
-    def trainer_step() -> None:
-        trainer.train_step()
-        if trainer.state.step % args.log_every == 0:
-            trainer.log_progress()
-
     for _ in range(2):  # warm-up (allocator, first DeepSpeed step, loader start)
         bare()
-        trainer_step()
+        trainer.step()
     for _ in range(args.rounds):
-        for name, step in (("bare", bare), ("trainer", trainer_step)):
+        for name, step in (("bare", bare), ("trainer", trainer.step)):
             for _ in range(args.block):
                 began = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - began)
     step_time = statistics.median(times["trainer"])
     began = time.perf_counter()
-    assert trainer.save()
+    assert trainer.checkpointer.save(trainer.state.step)
     save_time = time.perf_counter() - began
     trainer.close()
 

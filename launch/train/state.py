@@ -1,14 +1,18 @@
 """What a checkpoint holds beyond DeepSpeed's own shards, and how it is read back.
 
-* ``client_state["dimsum"]`` (in DeepSpeed's model-states file): global step, data position and seed,
-  MLflow run id, attempt counter, world size, parameter shapes and the resolved config.
-* ``dimsum-rank-NNNNN.pt``, one per rank: that rank's EMA shard (fp32 fragments of the master weights
-  it owns, with their offsets) and its RNG states (python, numpy, torch, cuda). These are per-rank by
-  nature; DeepSpeed saves ``client_state`` from rank 0 only, so they cannot go there.
+:class:`CheckpointStates` is the one registry of it (torchtitan's ``states={...}``); the trainer builds
+it and hands it to the checkpointer. On disk:
 
-Resuming restores all of it, which makes a killed-and-resumed run bit-identical to an uninterrupted one
-(the data stream is a pure function of seed, rank, world size and position). :func:`consolidate_ema`
-reassembles full fp32 EMA tensors from all rank files for export and sampling, on any machine.
+* ``client_state["dimsum"]`` (in DeepSpeed's model-states file): the :class:`TrainState` fields (global
+  step, data position, MLflow run id, attempt, ...) plus facts that are written, never loaded: world
+  size, parameter shapes, EMA decay and the resolved config.
+* ``dimsum-rank-NNNNN.pt``, one per rank: one entry per per-rank state, today ``ema`` (that rank's fp32
+  EMA fragments of the master weights it owns), ``offsets`` (where each fragment starts in its
+  parameter) and ``rng`` (python, numpy, torch, cuda). DeepSpeed saves ``client_state`` from rank 0
+  only, so per-rank states cannot go there.
+
+Restoring all of it is what makes a resumed run bit-identical (docs/architecture.md, "Determinism").
+:func:`consolidate_ema` reassembles full fp32 EMA tensors from all rank files, on any machine.
 
 Our files hold only tensors and plain Python values (numpy's RNG state is stored as a tensor), so they
 are read with ``torch.load(weights_only=True)``: a planted pickle cannot run code through them. DeepSpeed's
@@ -22,21 +26,26 @@ import pickle
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dimsum.ema import EMA
 from launch.train.checkpoint import CheckpointError
-from launch.train.deepspeed_engine import parameter_shapes, save_checkpoint, write_errors_as_oserror
+from launch.train.deepspeed_engine import save_checkpoint, write_errors_as_oserror
 
 CLIENT_KEY = "dimsum"
 
 
 def rank_file(rank: int) -> str:
     return f"dimsum-rank-{rank:05d}.pt"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 @dataclasses.dataclass
@@ -49,6 +58,13 @@ class TrainState:
     attempt: int = 0
     mlflow_run_id: str | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, state[field.name])
+
 
 def seed_everything(seed: int, rank: int) -> None:
     """Distinct streams per rank (noise, times, label dropout must differ between ranks)."""
@@ -58,38 +74,77 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(stream)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every generator's state as tensors and plain values (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                    has_gauss, gauss), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class RNGState:
+    """Every global generator of this process (python, numpy, torch, cuda), as tensors and plain values
+    so the rank file loads with ``weights_only=True``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                        has_gauss, gauss), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class ShardOffsets:
+    """Where each of this rank's EMA fragments starts in its flattened parameter. Loading checks that the
+    saved layout is this run's: the EMA shard is positional, so another partition would silently mix it."""
+
+    def __init__(self, offsets: Callable[[], dict[str, int]], where: str) -> None:
+        self.offsets, self.where = offsets, where
+
+    def state_dict(self) -> dict[str, int]:
+        return self.offsets()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state != self.offsets():
+            changed = sorted(k for k in state.keys() | self.offsets().keys()
+                             if state.get(k) != self.offsets().get(k))
+            raise CheckpointError(f"{self.where}: the EMA shard layout differs from this run's "
+                                  f"(e.g. {changed[0]!r}); was it written with another DeepSpeed version?")
 
 
-def save(engine: Any, path: Path, *, state: TrainState, config: dict[str, Any], ema: EMA,
-         offsets: dict[str, int], rank: int, world_size: int,
-         before_write: Callable[[str], None] = lambda _: None) -> list[Path]:
-    """This rank's part of the checkpoint at ``path`` (the CheckpointManager's ``write`` callback);
-    returns the files written."""
-    client = {CLIENT_KEY: {**dataclasses.asdict(state), "world_size": world_size, "config": config,
-                           "param_shapes": parameter_shapes(engine), "ema_decay": ema.decay}}
-    files = save_checkpoint(engine, path, client, before_write)
-    target = path / rank_file(rank)
-    before_write(str(target))
-    with write_errors_as_oserror(target):
-        torch.save({"ema": ema.state_dict(), "offsets": offsets, "rng": rng_state()}, target)
-    return [*files, target]
+@dataclasses.dataclass
+class CheckpointStates:
+    """Everything a checkpoint holds, named once; the checkpointer saves and loads exactly this.
+
+    ``engine`` is DeepSpeed's (module, optimizer, LR scheduler) and writes its own shard files; ``train``
+    goes to rank 0's client state with ``facts`` (written for readers, never loaded); each ``per_rank``
+    entry is one key of this rank's file. Entries load in order, so the RNG comes last.
+    """
+
+    engine: Any
+    train: TrainState
+    per_rank: dict[str, Stateful]
+    facts: Callable[[], dict[str, Any]]
+
+    def save(self, path: Path, rank: int, before_write: Callable[[str], None] = lambda _: None) -> list[Path]:
+        """This rank's part of the checkpoint at ``path``; returns the files written."""
+        client = {CLIENT_KEY: {**self.train.state_dict(), **self.facts()}}
+        files = save_checkpoint(self.engine, path, client, before_write)
+        target = path / rank_file(rank)
+        before_write(str(target))
+        with write_errors_as_oserror(target):
+            torch.save({name: state.state_dict() for name, state in self.per_rank.items()}, target)
+        return [*files, target]
+
+    def load(self, path: Path, rank: int) -> None:
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        self.train.load_state_dict(client[CLIENT_KEY])
+        saved = load_own(path / rank_file(rank))
+        for name, state in self.per_rank.items():
+            state.load_state_dict(saved[name])
 
 
 def load_own(path: Path) -> dict[str, Any]:
@@ -100,17 +155,6 @@ def load_own(path: Path) -> dict[str, Any]:
         lines = str(err).strip().splitlines()
         reason = next((line.strip() for line in lines if "global" in line.lower()), lines[0])
         raise CheckpointError(f"{path}: not a dimsum rank file, refused to unpickle it ({reason})") from None
-
-
-def load(engine: Any, path: Path, rank: int) -> tuple[TrainState, dict[str, Any]]:
-    """Load DeepSpeed's shards and return (state, this rank's file). RNG states are NOT restored here:
-    the caller does that last, after everything else that might draw random numbers."""
-    _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if client is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-    info = client[CLIENT_KEY]
-    state = TrainState(**{f.name: info[f.name] for f in dataclasses.fields(TrainState)})
-    return state, load_own(path / rank_file(rank))
 
 
 def client_state(step_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""Side jobs of the training loop as hooks (composer-style), so ``Trainer.train_step`` is only the step.
+
+Every hook is called on every rank, in list order, at the same points: a hook that works on rank 0 only
+ends with ``trainer.collectives.barrier()``, and one that draws random numbers does so inside
+``torch.random.fork_rng`` so the training RNG, and with it bit-exact resume, is untouched. A hook may
+read the trainer (cfg, rank, world, device, run_dir, state, report, tracker, checkpointer, collectives,
+data, log) but changes nothing the step depends on.
+
+To add one: subclass :class:`Hook`, override the events it needs, and add it in :func:`build_hooks`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from launch.train.faults import Faults
+from launch.train.metrics import StepMeter
+
+if TYPE_CHECKING:
+    from launch.train.trainer import Trainer
+
+
+class Hook:
+    """The events of a run; every one is a no-op here."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """After resuming, before the first step of this attempt."""
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        """Step ``step`` (1-based) is about to run."""
+
+    def on_loss(self, trainer: Trainer, step: int, loss: Tensor) -> Tensor:
+        """A micro-batch loss of ``step``, before the all-ranks finiteness vote; may replace it."""
+        return loss
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        """After the optimizer step and the EMA update; ``trainer.report`` describes the step."""
+
+    def on_save(self, trainer: Trainer, step: int) -> None:
+        """The checkpoint of ``step`` is complete on every rank."""
+
+    def on_fit_end(self, trainer: Trainer, stopped: bool) -> None:
+        """The loop ended: at ``train.max_steps``, or ``stopped`` by a preemption signal."""
+
+
+class FaultInjection(Hook):
+    """``DIMSUM_FAULTS`` (see faults.py) at the points of the loop; the save faults reach the
+    checkpointer through ``faults.save_hook``."""
+
+    def __init__(self, faults: Faults) -> None:
+        self.faults = faults
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        self.faults.at_step_start(step)
+
+    def on_loss(self, trainer: Trainer, step: int, loss: Tensor) -> Tensor:
+        return loss * float("nan") if self.faults.fires("nan", step) else loss
+
+
+class ProgressLog(Hook):
+    """The progress line and the MLflow metrics, every ``train.log_every`` steps, at the last step and
+    when stopping. Averages over ranks and over the steps since the last line, so it is a collective."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        cfg = trainer.cfg
+        self.meter = StepMeter(cfg.model, cfg.train.global_batch, trainer.world, trainer.device,
+                               trainer.out_channels)
+        self.loss_sum, self.skipped_logged = 0.0, 0
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        t, report = trainer.cfg.train, trainer.report
+        self.meter.add(report.seconds, report.data_seconds)
+        self.loss_sum += report.loss
+        if step % t.log_every == 0 or step == t.max_steps or report.stop:
+            self.log(trainer, step)
+
+    def log(self, trainer: Trainer, step: int) -> None:
+        t, data = trainer.cfg.train, trainer.data
+        window_skips, self.skipped_logged = data.skipped - self.skipped_logged, data.skipped
+        loss, skipped = trainer.collectives.mean([self.loss_sum / max(self.meter.steps, 1),
+                                                  float(window_skips)])
+        self.loss_sum = 0.0
+        rates = self.meter.summary()
+        metrics = {"loss": loss, "lr": trainer.engine.get_lr()[0], **rates,
+                   "nonfinite_total": float(trainer.state.nonfinite_total),
+                   "data_skipped": skipped * trainer.world}
+        norm = trainer.engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        trainer.tracker.log_metrics(metrics, step)
+        speed = f"MFU {100 * rates['mfu']:.1f}%" if "mfu" in rates else f"{rates['tflops']:.3f} TFLOP/s"
+        eta = self.meter.eta(t.max_steps - step)
+        trainer.log(f"step {step}/{t.max_steps} | loss {loss:.4f} | {rates['images_per_s']:.1f} img/s | "
+                    f"data {rates['data_wait_pct']:.1f}% | {speed} | eta {eta}")
+
+
+class RunIdRecorder(Hook):
+    """Keeps the MLflow run id in the train state, so the next attempt continues the same run. It is
+    known only once the tracking server answered, which may be well after the start."""
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        trainer.state.mlflow_run_id = trainer.tracker.run_id if trainer.rank == 0 else None
+
+
+class SampleGrid(Hook):
+    """An EMA sample grid from the newest checkpoint every ``grid.every`` steps and at the end, made on
+    rank 0 while the others wait at the barrier. A failed grid is logged: it must not end a multi-day run.
+
+    Cost: rank 0 reads back the checkpoint just written, DeepSpeed's fp32 shards and every rank's EMA
+    shard (the path ``dimsum export`` takes, so each grid also proves the checkpoint loads), then samples
+    ``grid.count`` images; at XL/2 that is several GB read per grid, so ``grid.every`` should be thousands.
+    """
+
+    def on_save(self, trainer: Trainer, step: int) -> None:
+        if step % trainer.cfg.grid.every == 0:
+            self.write(trainer)
+
+    def on_fit_end(self, trainer: Trainer, stopped: bool) -> None:
+        if not stopped:
+            self.write(trainer)
+
+    def write(self, trainer: Trainer) -> None:
+        if trainer.rank == 0:
+            from launch.generate.grid import write_grid  # diffusers and the samplers: only when a grid is due
+
+            latest = trainer.checkpointer.latest()
+            if latest is not None and not (trainer.run_dir / "samples" / f"{latest.path.name}.png").exists():
+                try:
+                    with torch.random.fork_rng(devices=[]):
+                        path = write_grid(trainer.run_dir, latest.step, trainer.cfg, trainer.data.manifest,
+                                          device=trainer.device, log=trainer.log)
+                except Exception as err:
+                    trainer.log(f"sample grid at step {latest.step} failed: {type(err).__name__}: {err}")
+                    path = None
+                if path is not None:
+                    trainer.tracker.log_artifact(path, "samples")
+        trainer.collectives.barrier()
+
+
+def build_hooks(trainer: Trainer, faults: Faults) -> list[Hook]:
+    """The hooks of a run, in calling order: the one place a new hook is registered."""
+    hooks: list[Hook] = [FaultInjection(faults), ProgressLog(trainer), RunIdRecorder()]
+    if trainer.cfg.grid.every:
+        hooks.append(SampleGrid())
+    return hooks

@@ -37,6 +37,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from dimsum.errors import UserError
 
@@ -132,6 +133,11 @@ class _DamageError(Exception):
     """Why a checkpoint must not be loaded (internal to :func:`damage`)."""
 
 
+def marker(step_dir: Path) -> dict[str, Any]:
+    """The ``COMPLETE`` marker of a checkpoint: step, world size, time and the manager's ``facts``."""
+    return json.loads((step_dir / MARKER).read_text())
+
+
 def damage(step_dir: Path) -> str | None:
     """Why the checkpoint in ``step_dir`` must not be loaded, or None when it is intact: the marker
     parses, every rank's file list is there, every listed file has its size and sha256, and nothing else
@@ -209,7 +215,8 @@ class CheckpointManager:
 
     def __init__(self, root: str | Path, *, rank: int = 0, world_size: int = 1,
                  barrier: Callable[[], None] = lambda: None, all_true: Callable[[bool], bool] = lambda ok: ok,
-                 keep_last: int = 2, milestone_every: int = 0, log: Callable[[str], None] = print) -> None:
+                 keep_last: int = 2, milestone_every: int = 0, log: Callable[[str], None] = print,
+                 facts: Callable[[], dict[str, Any]] = dict) -> None:
         if keep_last < 2:
             raise ValueError(f"keep_last must be >= 2 (a newer save may fail half-way), got {keep_last}")
         self.root = Path(root)
@@ -217,6 +224,7 @@ class CheckpointManager:
         self.barrier, self.all_true = barrier, all_true
         self.keep_last, self.milestone_every = keep_last, milestone_every
         self.log = log
+        self.facts = facts  # more plain values for the marker, readable without unpickling anything
 
     def step_dir(self, step: int) -> Path:
         return self.root / step_name(step)
@@ -318,7 +326,7 @@ class CheckpointManager:
         return True
 
     def _commit(self, step: int, path: Path) -> None:
-        info = {"step": step, "world_size": self.world_size, "time": time.time()}
+        info = {**self.facts(), "step": step, "world_size": self.world_size, "time": time.time()}
         atomic_write_text(path / MARKER, json.dumps(info) + "\n")
         atomic_write_text(self.root / POINTER, step_name(step) + "\n")
 

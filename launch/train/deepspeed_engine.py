@@ -31,15 +31,42 @@ def select_precision(requested: str, device: str) -> str:
     return requested
 
 
-def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(micro batch per rank, gradient-accumulation steps) for ``train.global_batch`` over ``world_size``."""
-    micro = train.micro_batch or train.global_batch // world_size
+def batch_layout(train: TrainConfig, world_size: int, keep_micro: int = 0) -> tuple[int, int]:
+    """(micro batch per rank, gradient-accumulation steps) for ``train.global_batch`` over ``world_size``.
+
+    ``train.micro_batch`` 0 means ``global_batch / world_size``, except when resuming a run whose
+    micro-batch was ``keep_micro``: then the largest micro-batch up to it that fits, so a run resized to
+    fewer ranks accumulates instead of needing more memory per device, and a later restart keeps its
+    layout (hence its bit-exact resume). An impossible layout is a one-line error listing what would work.
+    """
+    micro = train.micro_batch or _auto_micro(train.global_batch, world_size, keep_micro)
     if micro < 1 or train.global_batch % (micro * world_size):
         field = "train.micro_batch" if train.micro_batch else "train.global_batch"
+        works = _what_works(train.global_batch, world_size)
         raise ConfigError(field, train.micro_batch or train.global_batch,
-                          f"global_batch={train.global_batch} must be a multiple of "
-                          f"micro_batch x world_size = {micro} x {world_size}")
+                          f"global_batch={train.global_batch} must be a multiple of micro_batch x "
+                          f"world_size = {micro} x {world_size}; {works}")
     return micro, train.global_batch // (micro * world_size)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _auto_micro(global_batch: int, world_size: int, keep_micro: int) -> int:
+    per_rank = global_batch // world_size
+    if keep_micro and per_rank and global_batch % world_size == 0:
+        return max(d for d in _divisors(per_rank) if d <= keep_micro)
+    return per_rank
+
+
+def _what_works(global_batch: int, world_size: int) -> str:
+    if global_batch % world_size == 0:
+        micro = ", ".join(map(str, _divisors(global_batch // world_size)))
+        return f"micro_batch values that work on {world_size} rank(s): {micro}"
+    worlds = ", ".join(map(str, _divisors(global_batch)))
+    return (f"{global_batch} samples do not split over {world_size} ranks: world sizes that work: {worlds} "
+            f"(or a global_batch that is a multiple of {world_size})")
 
 
 def deepspeed_config(cfg: ExperimentConfig, world_size: int, layout: tuple[int, int] | None = None,

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,16 +38,27 @@ import torch
 
 from launch.train.checkpoint import (
     MARKER,
+    Checkpoint,
     CheckpointError,
     atomic_write_text,
     damage,
     is_ours,
     mark_ours,
+    marker,
     remove_ours,
     write_file_list,
 )
+from launch.train.collectives import Collectives
 from launch.train.deepspeed_engine import master_fragments
-from launch.train.state import client_state, consolidate_ema, load_own, rank_file
+from launch.train.state import (
+    CLIENT_KEY,
+    CheckpointStates,
+    client_state,
+    consolidate_ema,
+    load_own,
+    rank_file,
+    seed_everything,
+)
 
 UNIVERSAL = "universal"  # the folder of the copies, inside the run directory
 EMA_FILE = "dimsum-ema.pt"
@@ -56,9 +69,54 @@ class ReshardError(RuntimeError):
     """A checkpoint could not be converted or loaded for another world size; the original is intact."""
 
 
-def written_by(step_dir: Path) -> int:
-    """How many ranks wrote the checkpoint in ``step_dir`` (its ``COMPLETE`` marker says)."""
-    return int(json.loads((step_dir / MARKER).read_text())["world_size"])
+@dataclasses.dataclass(frozen=True)
+class Resize:
+    """A resume on another world size: the checkpoint, its world-size-independent copy, and the world size
+    and accumulation it was written with."""
+
+    source: Checkpoint
+    copy: Path
+    world_size: int
+    accumulation: int
+
+    def next_position(self, data_position: int, accumulation: int) -> int:
+        """The new ranks' first micro-batch: the first of the next global batch not fully consumed. Each
+        rank had consumed ``data_position`` micro-batches, ``accumulation`` per global batch without
+        non-finite drops; a dropped micro-batch leaves a global batch part-consumed, which is not replayed."""
+        return math.ceil(data_position / self.accumulation) * accumulation
+
+
+def prepare(start: Checkpoint, rank: int, world_size: int, accumulation: int, collectives: Collectives, *,
+            log: Callable[[str], None], progress: Callable[[str], None]) -> Resize:
+    """Collective: rank 0 makes (or finds) the copy of ``start``; every rank learns whether it worked.
+    ``accumulation`` is the written run's, used when its marker predates recording it."""
+    saved = marker(start.path)
+    copy, failure = None, None
+    if rank == 0:
+        log(f"==> {start.path.name} was written by {saved['world_size']} ranks; this job has {world_size}: "
+            "converting it for the new world size")
+        try:
+            copy = convert(start.path, log=log, progress=progress)
+        except (ReshardError, CheckpointError, OSError) as err:
+            failure = err
+    (failed,) = collectives.max([float(failure is not None)])
+    if failure is not None:
+        raise failure
+    if failed:
+        raise ReshardError(f"rank 0 could not convert {start.path} for {world_size} ranks (see its message)")
+    return Resize(start, copy or universal_dir(start.path), int(saved["world_size"]),
+                  int(saved.get("accumulation", accumulation)))
+
+
+def restore(states: CheckpointStates, resize: Resize, *, accumulation: int, seed: int, rank: int) -> None:
+    """Load ``resize``'s copy into ``states`` (the engine built for the new world size): DeepSpeed's state,
+    the train state with its data position moved to the next global batch, this rank's EMA slice, and a
+    fresh RNG seeded by (seed, rank, step), last. The EMA offsets are the new layout's own."""
+    client = load(states.engine, resize.copy)
+    states.train.load_state_dict(client[CLIENT_KEY])
+    states.train.data_position = resize.next_position(states.train.data_position, accumulation)
+    states.per_rank["ema"].load_state_dict(ema_shard(resize.copy, master_fragments(states.engine)))
+    seed_everything(seed, rank, resized_at=states.train.step)
 
 
 def universal_dir(step_dir: Path) -> Path:
@@ -94,7 +152,7 @@ def convert(step_dir: Path, *, log: Callable[[str], None],
                 "shadow": consolidate_ema(step_dir)}, target / EMA_FILE)
     write_file_list(target, 0, [p for p in target.rglob("*") if p.is_file() and p.name != ".dimsum"])
     info = {"step": client_state(step_dir)["step"], "world_size": 1, "source": step_dir.name,
-            "source_world_size": written_by(step_dir), "time": time.time()}
+            "source_world_size": int(marker(step_dir)["world_size"]), "time": time.time()}
     atomic_write_text(target / MARKER, json.dumps(info) + "\n")
     log(f"converted {step_dir.name} (written by {info['source_world_size']} ranks) into the "
         f"world-size-independent copy {target} in {time.perf_counter() - began:.1f} s")

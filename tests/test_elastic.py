@@ -35,21 +35,11 @@ ZERO3 = ["deepspeed.zero_stage=3", "deepspeed.extra.zero_optimization.stage3_par
 
 def train(world: int, run: Path, shards: Path, stage: list[str], *, max_steps: int,
           faults: str = "") -> subprocess.CompletedProcess:
-    """Train ``run`` to ``max_steps`` on ``world`` ranks; MLflow under ZeRO-2 only (seconds a run)."""
-    tracking = stage is ZERO2
-    args = [*overrides(run.parent, shards, run.name, tracking=tracking, max_steps=max_steps), *stage]
+    """Train ``run`` to ``max_steps`` on ``world`` ranks (MLflow's resize tags: tests/test_slurm.py)."""
+    args = [*overrides(run.parent, shards, run.name, max_steps=max_steps), *stage]
     if world == 1:
         return dimsum("train", "configs/demo_cpu.yaml", *args, faults=faults)
     return torchrun(args, faults=faults, nproc=world)
-
-
-def run_of(run: Path) -> tuple:
-    """(the only MLflow run of ``run``, {step: loss})."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
-    (found,) = client.search_runs([client.get_experiment_by_name("dimsum").experiment_id])
-    return found, {m.step: m.value for m in client.get_metric_history(found.info.run_id, "loss")}
 
 
 def logged_losses(log: str) -> list[str]:
@@ -92,20 +82,13 @@ def test_zero2_two_ranks_to_one_killed_during_conversion_and_back_to_two(tmp_pat
     assert ("resized: step-0000002: 2 -> 1 ranks, global batch 8 = 4 x 2 x 1 -> 4 x 1 x 2; data from "
             "global batch 2") in log
     assert "removed the world-size-independent copies" in log and not (run / UNIVERSAL).exists()
-    ok(train(1, reference, digits_shards, ZERO2, max_steps=4))  # the uninterrupted run on 1 rank
+    uninterrupted = ok(train(1, reference, digits_shards, ZERO2, max_steps=4))  # the same, never killed
     assert_same_weights(reference, run)
-    found, losses = run_of(run)
-    assert losses == run_of(reference)[1] and sorted(losses) == [1, 2, 3, 4]
-    tags = found.data.tags
-    assert tags["world_size"] == "1" and tags["attempt"] == "2"  # the killed attempt never started
-    assert tags["resized"] == tags["resize.2"] and tags["resized"].startswith("step-0000002: 2 -> 1 ranks")
+    assert logged_losses(log) == logged_losses(uninterrupted) and len(logged_losses(log)) == 2
 
     log = ok(train(2, run, digits_shards, ZERO2, max_steps=6))  # and back to 2 ranks
     assert "resized: step-0000004: 1 -> 2 ranks, global batch 8 = 4 x 1 x 2 -> 4 x 2 x 1" in log
     assert "finished at step 6" in log and complete_steps(run) == [4, 6]
-    found, losses = run_of(run)
-    assert sorted(losses) == list(range(1, 7))
-    assert found.data.tags["resize.3"].startswith("step-0000004: 1 -> 2")
 
 
 def test_zero3_one_rank_to_two_killed_after_the_resize_and_back_to_one(tmp_path: Path,

@@ -283,7 +283,8 @@ def test_sbatch_job_preempted_on_2_nodes_comes_back_on_1_and_resumes_through_the
     assert "restart 1 on node1: 1 task(s)" in next(run.logs.glob("*.out")).read_text()
     found = mlflow_run(run.run_dir)  # the same run, continued on one node
     tags = found.data.tags
-    assert tags["world_size"] == "1" and tags["resized"].startswith("step-0000004: 2 -> 1 ranks")
+    assert tags["world_size"] == "1" and tags["attempt"] == "2"
+    assert tags["resized"] == tags["resize.2"] and tags["resized"].startswith("step-0000004: 2 -> 1 ranks")
     assert loss_steps(run.run_dir, found.info.run_id) == list(range(1, STEPS + 1))
 
 

@@ -38,6 +38,7 @@ import torch
 
 from launch.train.checkpoint import (
     MARKER,
+    OURS,
     Checkpoint,
     CheckpointError,
     atomic_write_text,
@@ -108,11 +109,14 @@ def prepare(start: Checkpoint, rank: int, world_size: int, accumulation: int, co
                   int(saved.get("accumulation", accumulation)))
 
 
-def restore(states: CheckpointStates, resize: Resize, *, accumulation: int, seed: int, rank: int) -> None:
+def restore(states: CheckpointStates, resize: Resize, *, accumulation: int, seed: int, rank: int,
+            log: Callable[[str], None]) -> None:
     """Load ``resize``'s copy into ``states`` (the engine built for the new world size): DeepSpeed's state,
     the train state with its data position moved to the next global batch, this rank's EMA slice, and a
     fresh RNG seeded by (seed, rank, step), last. The EMA offsets are the new layout's own."""
+    began = time.perf_counter()
     client = load(states.engine, resize.copy)
+    log(f"loaded and verified {resize.copy} on this world size in {time.perf_counter() - began:.1f} s")
     states.train.load_state_dict(client[CLIENT_KEY])
     states.train.data_position = resize.next_position(states.train.data_position, accumulation)
     states.per_rank["ema"].load_state_dict(ema_shard(resize.copy, master_fragments(states.engine)))
@@ -150,7 +154,7 @@ def convert(step_dir: Path, *, log: Callable[[str], None],
     ema = load_own(step_dir / rank_file(0))["ema"]
     torch.save({"decay": ema["decay"], "num_updates": ema["num_updates"],
                 "shadow": consolidate_ema(step_dir)}, target / EMA_FILE)
-    write_file_list(target, 0, [p for p in target.rglob("*") if p.is_file() and p.name != ".dimsum"])
+    write_file_list(target, 0, [p for p in target.rglob("*") if p.is_file() and p.name != OURS])
     info = {"step": client_state(step_dir)["step"], "world_size": 1, "source": step_dir.name,
             "source_world_size": int(marker(step_dir)["world_size"]), "time": time.time()}
     atomic_write_text(target / MARKER, json.dumps(info) + "\n")

@@ -115,6 +115,10 @@ class Trainer:
         # the data order is the job's: kept from its first start whatever the world size now is
         self.streams = (cfg.data.streams or saved.get("data_streams")
                         or cfg.data.job_streams(saved.get("world_size", self.world)))
+        if self.streams > t.global_batch:  # explicit values are refused when the config is loaded
+            raise ConfigError("data.streams", cfg.data.streams, f"0 means one stream per worker per rank: "
+                              f"{self.streams}, more than train.global_batch={t.global_batch}; set it to at "
+                              "most that")
         self.data = build_training_data(dataclasses.replace(cfg.data, streams=self.streams),
                                         batch_size=self.micro, global_batch=t.global_batch, seed=cfg.seed,
                                         rank=self.rank, world_size=self.world)
@@ -134,7 +138,7 @@ class Trainer:
             seed_everything(cfg.seed, self.rank)
         elif self.resize is not None:
             reshard.restore(self.checkpoint_states(), self.resize, accumulation=self.accum, seed=cfg.seed,
-                            rank=self.rank)
+                            rank=self.rank, log=self.log)
         else:
             self.checkpointer.load(start)  # the RNG last
         self.fragments = master_fragments(self.engine)  # DeepSpeed re-links its views after a load

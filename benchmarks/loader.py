@@ -46,7 +46,8 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import LatentLoader
-from data_pipeline.shards import ShardWriter, new_manifest, write_json_atomic
+from data_pipeline.manifest import new_manifest, write_json_atomic
+from data_pipeline.shards import ShardWriter
 
 SHAPE = (4, 32, 32)
 

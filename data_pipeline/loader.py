@@ -1,6 +1,7 @@
 """The training loader: a deterministic, resumable stream of latent batches read from WebDataset shards.
 
-Design (the trainer's bit-exact resume and its elastic resize rely on it).
+It keeps the determinism contract of ``training_data.py`` (docs/architecture.md), on which the trainer's
+bit-exact resume and its elastic resize rely; the design below says how.
 
 * One global order. The job reads ``G = data.streams`` sample streams (streams.py), whatever its world
   size. Global batch ``g`` (``B`` = train.global_batch samples) is cut into ``G`` lanes: lane ``s`` is

@@ -28,6 +28,7 @@ is unit-tested with simulated ranks (torchtitan style) and driven by ``torch.dis
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -346,8 +347,6 @@ class CheckpointManager:
 
 
 def main() -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Trust checkpoints written before dimsum verified them.")
     parser.add_argument("command", choices=["seal"])
     parser.add_argument("step_dirs", nargs="+", type=Path, help="RUN/step-NNNNNNN directories you trust")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dimsum.config import ConfigError
@@ -124,8 +125,6 @@ def master_fragments(engine: Any, state: str = "fp32") -> dict[str, tuple[int, T
     ``partition_numel()`` elements per rank, the last one padded. Views are re-linked by DeepSpeed after
     ``load_checkpoint``, so call this again after loading.
     """
-    import torch.distributed as dist
-
     optim_state = None if state == "fp32" else state
     frags: dict[str, tuple[int, Tensor]] = {}
     for name, param in engine.module.named_parameters():

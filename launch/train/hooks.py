@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from launch.generate.grid import write_grid
 from launch.train.checkpoint import marker
 from launch.train.faults import Faults
 from launch.train.metrics import StepMeter
@@ -126,8 +127,6 @@ class SampleGrid(Hook):
 
     def write(self, trainer: Trainer) -> None:
         if trainer.rank == 0:
-            from launch.generate.grid import write_grid  # diffusers and the samplers: only when a grid is due
-
             latest = trainer.checkpointer.latest()
             if latest is not None and not (trainer.run_dir / "samples" / f"{latest.path.name}.png").exists():
                 try:

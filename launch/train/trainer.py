@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import sys
 import time
 import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from data_pipeline.training_data import TrainingData, build_training_data
 from dimsum.config import ConfigError
@@ -25,6 +25,7 @@ from dimsum.devices import rank_device, resolve_device
 from dimsum.ema import EMA
 from dimsum.models import build_model, count_parameters, forward_gmacs
 from launch.config import ExperimentConfig, dump_config
+from launch.logs import notice_log, progress_log
 from launch.train import reshard
 from launch.train.checkpoint import Checkpoint, CheckpointManager, mark_ours, marker
 from launch.train.checkpointer import Checkpointer, resume_point
@@ -48,10 +49,6 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses; the run stops without touching its checkpoints."""
-
-
-def say(*parts: Any) -> None:
-    print(time.strftime("[%H:%M:%S]"), *parts, flush=True)
 
 
 def check_data_matches_model(cfg: ExperimentConfig, data: TrainingData) -> None:
@@ -99,13 +96,13 @@ class Trainer:
         self.env = init_distributed(self.device)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.collectives = Collectives(rank_device(self.device, self.env.local_rank))  # before any vote
-        self.log = say if self.rank == 0 else (lambda *_: None)
+        self.log = progress_log(self.rank)
         self.run_dir = cfg.run_dir
         faults = Faults.from_env(self.rank)
         manager = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.world,
                                     barrier=self.collectives.barrier, all_true=self.collectives.all_true,
                                     keep_last=t.keep_last, milestone_every=t.milestone_every,
-                                    log=lambda m: print(f"[checkpoint] {m}", file=sys.stderr, flush=True),
+                                    log=notice_log("checkpoint"),
                                     facts=lambda: {"micro_batch": self.micro, "accumulation": self.accum,
                                                    "data_streams": self.streams})
         start, self.fallback, self.resize = resume_point(manager, cfg, self.collectives, self.log,
@@ -291,8 +288,6 @@ class Trainer:
         self.batches.close()  # stops the loader's workers now: at interpreter exit nothing would
         self.tracker.close()
         self.preempt.uninstall()
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 

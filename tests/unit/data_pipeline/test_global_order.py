@@ -11,7 +11,8 @@ import pytest
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import LatentLoader
-from data_pipeline.shards import ShardWriter, new_manifest, write_json_atomic
+from data_pipeline.manifest import new_manifest, write_json_atomic
+from data_pipeline.shards import ShardWriter
 
 SHARDS, PER_SHARD, STREAMS, GLOBAL = 12, 40, 6, 12  # 6 streams own 2 shards each: 80 rows, 40 global batches
 

@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 
 from launch.generate.grid import write_grid
+from launch.train.checkpoint import marker
 from launch.train.faults import Faults
 from launch.train.metrics import StepMeter
+from launch.train.reshard import remove_copies
 
 if TYPE_CHECKING:
     from launch.train.trainer import Trainer
@@ -139,9 +141,28 @@ class SampleGrid(Hook):
         trainer.collectives.barrier()
 
 
+class DropUniversalCopy(Hook):
+    """After a resize: once the new world size has a checkpoint of its own, rank 0 deletes the
+    world-size-independent copy it was resumed from (a preemption right after resuming may "save" the
+    resized-from checkpoint, which is already complete: the copy is kept for that one)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_save(self, trainer: Trainer, step: int) -> None:
+        if self.done or marker(trainer.checkpointer.manager.step_dir(step))["world_size"] != trainer.world:
+            return
+        if trainer.rank == 0:
+            remove_copies(trainer.run_dir, trainer.log)
+        trainer.collectives.barrier()
+        self.done = True
+
+
 def build_hooks(trainer: Trainer, faults: Faults) -> list[Hook]:
     """The hooks of a run, in calling order: the one place a new hook is registered."""
     hooks: list[Hook] = [FaultInjection(faults), ProgressLog(trainer), RunIdRecorder()]
     if trainer.cfg.grid.every:
         hooks.append(SampleGrid())
+    if trainer.resize is not None:
+        hooks.append(DropUniversalCopy())
     return hooks

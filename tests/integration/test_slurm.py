@@ -133,7 +133,7 @@ def test_sbatch_recipe_exports_ranks_and_rendezvous(slurm_cluster: LocalCluster,
 # The real DiMSUM-L/2 ImageNet recipe shrunk to the digits debug model (patch 4, 578k parameters) on CPU.
 # It goes in through DIMSUM_OVERRIDES (the recipe's knob); the run's own settings are sbatch arguments.
 TINY_RECIPE = ("model.name=DiMSUM-debug model.input_size=16 model.patch_size=4 model.in_channels=1 "
-               "model.num_classes=10 data.streams=1 train.device=cpu")
+               "model.num_classes=10 data.streams=2 train.device=cpu")
 STEPS = 8
 # Every rank waits at the start of step 4 until the test creates the release file: the preemption
 # signal is then known to have arrived before step 4's stop vote, so the job always saves at step 4.
@@ -250,6 +250,41 @@ def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
     print(f"\nrequeue-to-resume: signal -> first resumed step {resumed - signalled} s (save and exit "
           f"{requeued - signalled} s, SLURM requeue {restarted - requeued} s, trainer start "
           f"{resumed - restarted} s)")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sbatch_job_preempted_on_2_nodes_comes_back_on_1_and_resumes_through_the_resize(
+        slurm_cluster: LocalCluster, digits_shards: Path, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    run = sbatch_recipe(slurm_cluster, tmp_path, digits_shards, "resized", DIMSUM_FAULTS=PAUSE,
+                        DIMSUM_FAULTS_RELEASE=str(release))
+    try:
+        wait_for_file_lines(run.task_log(0), r"step 3/", 1, timeout=300)
+    except TimeoutError:
+        pytest.fail(logs_of(run.logs, run.job))
+    slurm_cluster.run("scancel", "--batch", "--signal=USR2", run.job)
+    wait_for_file_lines(run.task_log(0), r"\[preemption\] SIGUSR2 received", 2)
+    release.touch()
+    # Saved at step 4, exit 75, requeued by the batch script. While it waits to run again the job is given
+    # one node, as a scheduler or an admin does to a requeued job when a node is drained.
+    slurm_cluster.wait_state(run.job, {"PENDING"}, timeout=300)
+    slurm_cluster.run("scontrol", "hold", run.job)
+    slurm_cluster.run("scontrol", "update", f"JobId={run.job}", "NumNodes=1", "NumTasks=1")
+    slurm_cluster.run("scontrol", "release", run.job)
+    finished(slurm_cluster, run)
+
+    first, second = run.task_log(0).read_text(), run.task_log(1).read_text()
+    assert "preempted at step 4; exit code 75" in first and "2 x cpu" in first
+    assert "1 x cpu" in second and "resumed from step-0000004 (attempt 2)" in second
+    assert "resized: step-0000004: 2 -> 1 ranks, global batch 8 = 4 x 2 x 1 -> 4 x 1 x 2" in second
+    assert f"finished at step {STEPS}" in second
+    assert "restart 1 on node1: 1 task(s)" in next(run.logs.glob("*.out")).read_text()
+    found = mlflow_run(run.run_dir)  # the same run, continued on one node
+    tags = found.data.tags
+    assert tags["world_size"] == "1" and tags["attempt"] == "2"
+    assert tags["resized"] == tags["resize.2"] and tags["resized"].startswith("step-0000004: 2 -> 1 ranks")
+    assert loss_steps(run.run_dir, found.info.run_id) == list(range(1, STEPS + 1))
 
 
 @pytest.mark.slow

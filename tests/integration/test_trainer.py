@@ -216,8 +216,12 @@ def test_bad_config_fails_before_any_work_with_the_field_named(root: Path, digit
     proc = train(*overrides(root, digits_shards, "bad"), "model.in_channels=4", world="1")
     assert proc.returncode == 2 and "model.in_channels: got 4" in proc.stderr and "1 channels" in proc.stderr
     assert not (root / "bad").exists()
-    # resume with another world size
+    # resume on a world size the global batch cannot be split over: refused before any conversion
     reference = overrides(zero2_reference.parent, digits_shards, zero2_reference.name, max_steps=9)
-    proc = train(*reference, world="1")
-    assert proc.returncode == 1 and "was written by 2 ranks but this job has 1" in proc.stderr
-    assert complete_steps(zero2_reference) == [6, 8]
+    proc = train(*reference, world="3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("train.global_batch: got 8; global_batch=8 must be a multiple of micro_batch x world_size = "
+            "2 x 3; 8 samples do not split over 3 ranks: world sizes that work: 1, 2, 4, 8") in proc.stderr
+    proc = train(*reference, "train.micro_batch=3", world="1")
+    assert proc.returncode == 2 and "micro_batch values that work on 1 rank(s): 1, 2, 4, 8" in proc.stderr
+    assert complete_steps(zero2_reference) == [6, 8] and not (zero2_reference / "universal").exists()

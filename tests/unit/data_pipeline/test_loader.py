@@ -86,8 +86,9 @@ def test_ranks_split_shards_and_cover_each_once(digits_shards: Path) -> None:
     rank0, _ = take(digits_shards, 20, batch_size=50, rank=0, world_size=2, num_workers=2, resampled=False)
     rank1, _ = take(digits_shards, 10, batch_size=50, rank=1, world_size=2, num_workers=2, resampled=False)
     seen0, seen1 = identify(rank0, index), identify(rank1, index)
-    # rank 0's two streams own shards 0 and 2 (500 samples each): 20 batches of 50 are exactly one pass each
-    owned = [k for s in (0, 2) for _, m in iter_blocks(digits_shards / f"shard-00000{s}.tar")
+    # 2 workers x 2 ranks = 4 streams, one shard each; rank 0 reads streams 0 and 1 (shards 0 and 1, 500
+    # samples each, 25 rows of every batch): 20 batches of 50 are exactly one pass each
+    owned = [k for s in (0, 1) for _, m in iter_blocks(digits_shards / f"shard-00000{s}.tar")
              for k in json.loads(m["keys.json"])]
     assert sorted(k for k, _ in seen0) == sorted(owned)  # every sample once, none twice
     assert not {k for k, _ in seen1} & {k for k, _ in seen0}
@@ -111,9 +112,10 @@ def test_ranks_differ_when_resampled(digits_shards: Path) -> None:
 
 
 def test_more_readers_than_shards(digits_shards: Path) -> None:
-    with pytest.raises(ShardError, match=r"3 rank\(s\) x 2 stream\(s\) = 6 readers but only 4"):
+    # 2 workers x 3 ranks = 6 streams by default
+    with pytest.raises(ShardError, match=r"6 streams \(data.streams\) but only 4 non-empty shard\(s\)"):
         take(digits_shards, 1, world_size=3, num_workers=2, resampled=False)
-    with pytest.warns(UserWarning, match="6 readers but only 4"):
+    with pytest.warns(UserWarning, match=r"6 streams \(data.streams\) but only 4"):
         take(digits_shards, 1, world_size=3, num_workers=2, resampled=True)
 
 

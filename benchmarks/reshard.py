@@ -6,8 +6,8 @@ world-size-independent copy (DeepSpeed's ds_to_universal plus the consolidated E
 it. The times are the trainer's own log lines: the 2-rank save (the baseline), the conversion, and the
 1-rank load with its check of every fp32 master fragment and both AdamW moments against the copy.
 
-    python benchmarks/reshard.py                       # DiMSUM-S/2 (35M parameters), ZeRO-2
-    python benchmarks/reshard.py --model DiMSUM-B/2 --zero 3
+    python -m benchmarks.reshard                       # DiMSUM-S/2 (35M parameters), ZeRO-2
+    python -m benchmarks.reshard --model DiMSUM-B/2 --zero 3
 """
 
 from __future__ import annotations

@@ -32,8 +32,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dimsum demo
 
+# lint-imports: the layer contracts in pyproject.toml ([tool.importlinter]), see docs/architecture.md
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo
 
 test: lint
 	$(BIN)/python -m pytest

@@ -37,6 +37,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from matplotlib.figure import Figure
+
+from data_pipeline.demo import digits_pixels
+from dimsum.ema import EMA
+from dimsum.models import build_model, count_parameters, model_config
+from launch.components import ObjectiveConfig
+from launch.generate.judge import load_judge
+from launch.generate.quality import sample_quality
+from launch.generate.sample import sampler_config
+
 LAMAMBA = {"hidden_size": 12, "depth": 1, "attn_heads": 2}
 ARMS: dict[str, dict[str, Any]] = {
     "DiMSUM (flow)": {"name": "DiMSUM-debug", "model": {"patch_size": 4}, "objective": "flow"},
@@ -54,17 +65,7 @@ BATCH, LR, CLIP, EMA_DECAY, CFG_SCALE = 32, 1e-2, 1.0, 0.95, 1.5
 
 def train_arm(arm: str, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """One seed of one arm, in a worker process with one thread (``settings``: the command's options)."""
-    import torch
-
     torch.set_num_threads(1)
-    from data_pipeline.demo import digits_pixels
-    from dimsum.ema import EMA
-    from dimsum.models import build_model, count_parameters, model_config
-    from launch.components import ObjectiveConfig
-    from launch.generate.judge import load_judge
-    from launch.generate.quality import sample_quality
-    from launch.generate.sample import sampler_config
-
     spec = ARMS[arm]
     cfg = model_config(spec["name"], **DIGITS, **spec["model"])
     objective = ObjectiveConfig(kind=spec["objective"]).build()
@@ -142,12 +143,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (acc, fd) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    acc, fd = fig.subplots(1, 2)
     for index, arm in enumerate(a for a in ARMS if any(r["arm"] == a for r in results)):
         colour = f"C{index}"
         for k, run in enumerate(r for r in results if r["arm"] == arm):
@@ -183,9 +180,6 @@ def main() -> None:
                         help="the digits judge's cache (default: ~/.cache/dimsum/judge)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from launch.generate.judge import load_judge
-
     judge = load_judge(args.cache_dir)  # trained once here, read from the cache by the workers
     load = load_average()
     print(f"judge held-out accuracy {100 * judge.held_out_accuracy:.1f}%; before: {load}", flush=True)

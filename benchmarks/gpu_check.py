@@ -111,7 +111,8 @@ def forward_backward(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Te
 
 def scan_accuracy(backend: str, device: str, dims: tuple[int, int, int]) -> dict[str, float]:
     """Largest error relative to the largest reference value, per output and gradient, fp32 inputs."""
-    from dimsum.ssm.scan import selective_scan, sequential_scan
+    from dimsum.ssm.reference import sequential_scan
+    from dimsum.ssm.scan import selective_scan
 
     reference = forward_backward(sequential_scan, scan_inputs(*dims, dtype=torch.float64, device="cpu"))
     result = forward_backward(lambda **kw: selective_scan(**kw, backend=backend),
@@ -162,7 +163,8 @@ def check_scan(device: str, dry_run: bool) -> dict[str, Any]:
 
 def write_latent_shards(out: Path, samples: int, shape: tuple[int, int, int]) -> None:
     """Random fp16 latents with random labels, in the real shard format and manifest."""
-    from data_pipeline.shards import ShardWriter, new_manifest, write_json_atomic
+    from data_pipeline.manifest import new_manifest, write_json_atomic
+    from data_pipeline.shards import ShardWriter
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -16,8 +16,14 @@ samples/s and >= 3x the baseline.
 time of the server and of curl is not in the per-CPU figure; the load average is printed. Goal on 2
 cores: >= 20,000 samples/s from loopback HTTP.
 
+``--read-amplification`` instead counts what each rank of a 1, 2, 3, 4 and 8 rank job reads: the samples of
+the shards its streams opened (read-ahead included), against what it consumed and against the ideal,
+1/M of what the whole job consumed. The job starts mid-run (global batch 50, as after a resume), uses 12
+streams and a global batch of 768, and reads 100 global batches (1.5 epochs of the 50k latents).
+
     python benchmarks/loader.py                  # 50k latents, 5 rounds x 40 batches each
     python benchmarks/loader.py --source http    # remote vs local shards
+    python benchmarks/loader.py --read-amplification
     python benchmarks/loader.py --quick          # smoke run
 """
 
@@ -40,7 +46,8 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import LatentLoader
-from data_pipeline.shards import ShardWriter, new_manifest, write_json_atomic
+from data_pipeline.manifest import new_manifest, write_json_atomic
+from data_pipeline.shards import ShardWriter
 
 SHAPE = (4, 32, 32)
 
@@ -130,6 +137,30 @@ class Meter:
         return rate, per_cpu
 
 
+def read_amplification(shards: Path, shard_size: int, quick: bool) -> None:
+    """Per rank of 1-8 rank jobs: samples read / samples consumed, and the share of the job's reads."""
+    streams, global_batch, start = 12, 768, 50
+    batches = 10 if quick else 100
+    print(f"{streams} streams, global batch {global_batch}, {batches} global batches from global batch "
+          f"{start}, shards of {shard_size}")
+    for world in (1, 2, 3, 4, 8):
+        worst = bound = 0.0
+        for rank in range(world):
+            cfg = DataConfig(shards=str(shards), num_workers=0, streams=streams)
+            data = LatentLoader(cfg, batch_size=global_batch // world, seed=0, rank=rank, world_size=world,
+                                global_batch=global_batch)
+            consumed = sum(len(x) for x, _ in itertools.islice(data.batches(start), batches))
+            layout = data.layout  # the streams it reads, plus the pass it starts in and one read ahead each
+            worst = max(worst, data.read / consumed)
+            most = batches * layout.read_share() + 2 * shard_size * len(layout.owned)
+            bound = max(bound, most / consumed)
+            print(f"  {world} rank(s), rank {rank}: read {data.read:>7,} samples for {consumed:>7,} consumed "
+                  f"({data.read / consumed:.3f}x); {data.read / (consumed * world):.1%} of the job's data "
+                  f"(ideal {1 / world:.1%}), {len(layout.owned)} streams")
+        print(f"  {world} rank(s): worst read amplification {worst:.3f}x; bound {bound:.3f}x (the streams "
+              "its slice overlaps + 2 shards per stream)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,9 +169,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--source", choices=["files", "http", "pipe"], default="files",
                         help="files: block shards vs one file per sample; http/pipe: remote vs local shards")
+    parser.add_argument("--read-amplification", action="store_true",
+                        help="count what each rank of 1-8 rank jobs reads instead of timing")
     args = parser.parse_args()
     sizes = (5_000, 1_000, 5, 2, 10) if args.quick else (50_000, 10_000, 20, 5, 40)
     n, shard_size, warmup, rounds, per_round = sizes
+    if args.read_amplification:
+        with tempfile.TemporaryDirectory(prefix="dimsum-loader-bench-") as tmp:
+            build(Path(tmp), n, 1_000, block_size=256, per_file=False)
+            read_amplification(Path(tmp) / "shards", 1_000, args.quick)
+        return
     with tempfile.TemporaryDirectory(prefix="dimsum-loader-bench-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         start = time.perf_counter()

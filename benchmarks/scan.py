@@ -31,8 +31,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dimsum.ssm import scan
-from dimsum.ssm.scan import selective_scan, sequential_scan
+from dimsum.ssm import recurrence, scan
+from dimsum.ssm.reference import sequential_scan
+from dimsum.ssm.scan import selective_scan
 
 
 def make_inputs(batch: int, dim: int, length: int, state: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -67,7 +68,7 @@ def ref_form_scan(u, delta, A, B, C, *, D, z, delta_bias, delta_softplus, h0):
 
 def torch_with_block_elements(elements: int, **kwargs) -> torch.Tensor:
     """The torch backend with another block size (kept until the next call, so that backward uses it too)."""
-    scan.CPU_BLOCK_ELEMENTS = elements
+    recurrence.CPU_BLOCK_ELEMENTS = elements
     return selective_scan(**kwargs, backend="torch")
 
 
@@ -156,7 +157,7 @@ def main() -> None:
 
     inputs = make_inputs(batch, dim, length, state)
     grad_out = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(1))
-    torch_default = functools.partial(torch_with_block_elements, scan.CPU_BLOCK_ELEMENTS)
+    torch_default = functools.partial(torch_with_block_elements, recurrence.CPU_BLOCK_ELEMENTS)
     candidates = {"ref-form": ref_form_scan, "sequential": sequential_scan, "torch": torch_default}
     for elements in args.block_elements:
         candidates[f"torch@{elements}"] = functools.partial(torch_with_block_elements, elements)

@@ -17,9 +17,11 @@ class DataConfig(Config):
     where the manifest is when it is not next to the shards (see locations.py). Remote reads that fail are
     retried ``retries`` times, waiting ``retry_backoff_s`` and doubling; then ``on_error`` applies.
 
-    ``streams`` is the number of independent sample streams per rank (0: one per worker, at least one).
-    The batch sequence depends on it, not on ``num_workers``: set it explicitly (a multiple of every
-    ``num_workers`` you may use) to keep the same data order when the worker count changes on resume.
+    ``streams`` is the number of independent sample streams of the whole job (see loader.py): the data
+    order depends on it, not on the world size or ``num_workers``. 0 means one per worker per rank (at
+    least one per rank) of the job's first start; the trainer records the number and keeps it when the
+    job resumes on more or fewer ranks. A multiple of every world size you may use keeps each rank's reads
+    to its own share of the data.
     """
 
     kind: Literal["latent_shards"] = "latent_shards"  # the TrainingData implementation (training_data.py)
@@ -39,14 +41,9 @@ class DataConfig(Config):
         self.check(self.retries >= 0, "retries", "expected >= 0")
         self.check(0 <= self.retry_backoff_s <= 600, "retry_backoff_s", "expected 0..600 seconds")
         self.check(self.num_workers >= 0, "num_workers", "expected >= 0")
-        self.check(self.streams >= 0, "streams", "expected >= 0 (0 means one stream per worker)")
+        self.check(self.streams >= 0, "streams", "expected >= 0 (0 means one stream per worker per rank)")
         self.check(self.prefetch_factor >= 1, "prefetch_factor", "expected >= 1")
-        if self.streams and self.num_workers:
-            self.check(self.streams % self.num_workers == 0, "streams",
-                       f"expected a multiple of num_workers={self.num_workers} "
-                       "(each worker owns whole streams)")
 
-    @property
-    def num_streams(self) -> int:
-        """The effective stream count (resolves the 0 default)."""
-        return self.streams or max(1, self.num_workers)
+    def job_streams(self, world_size: int) -> int:
+        """The job's stream count for a first start on ``world_size`` ranks (resolves the 0 default)."""
+        return self.streams or max(1, self.num_workers) * world_size

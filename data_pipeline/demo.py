@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.locations import ShardDestination
-from data_pipeline.shards import new_manifest
+from data_pipeline.manifest import new_manifest
 
 SIZE = 16
 SOURCE_NAME = "sklearn.datasets.load_digits"  # the manifest's source name, which marks the digits data

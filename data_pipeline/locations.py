@@ -37,17 +37,8 @@ from webdataset import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tar_file_iterator
 
-from data_pipeline.shards import (
-    ManifestError,
-    ShardError,
-    ShardWriter,
-    check_manifest,
-    file_sha256,
-    group_blocks,
-    iter_blocks,
-    read_manifest,
-    write_json_atomic,
-)
+from data_pipeline.manifest import ManifestError, check_manifest, read_manifest, write_json_atomic
+from data_pipeline.shards import ShardError, ShardWriter, file_sha256, group_blocks, iter_blocks
 
 log = logging.getLogger(__name__)
 _REMOTE = re.compile(r"pipe:|[A-Za-z][A-Za-z0-9+.-]*://")
@@ -114,7 +105,7 @@ class ShardSource:
     specs: tuple[str, ...] | None  # None: a local folder, shard locations are folder/name
 
     def read_manifest(self, retry: Retry) -> dict[str, Any]:
-        """The strictly checked manifest (``shards.check_manifest``); errors name its location."""
+        """The strictly checked manifest (``manifest.check_manifest``); errors name its location."""
         if self.specs is None and self.manifest_location == str(Path(self.spec) / "manifest.json"):
             return read_manifest(self.spec)  # keeps the hint on how to create shards
         try:

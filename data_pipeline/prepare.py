@@ -31,9 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_pipeline.demo import build_digits_shards
 from data_pipeline.locations import ShardDestination
+from data_pipeline.manifest import new_manifest, write_json_atomic
 from data_pipeline.preprocess import DecodedImages, collate, encode_with_flip
-from data_pipeline.shards import new_manifest, shard_name, write_json_atomic
+from data_pipeline.shards import shard_name
 from data_pipeline.sources import SOURCES, Source, SourceError, open_source
 from data_pipeline.vae import VAEError, load_vae
 from dimsum.devices import rank_device, resolve_device
@@ -83,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
         if ShardDestination.parse(args.out).folder and Path(args.out).is_file():
             raise PrepareError(f"--out: {args.out} is an existing file; expected a folder (or a new path)")
         if args.demo:
-            from data_pipeline.demo import build_digits_shards
 
             manifest = build_digits_shards(args.out, seed=args.seed)
             print(f"wrote {manifest['num_samples']} digits in {len(manifest['shards'])} shards to {args.out}")

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import lmdb
+
 from dimsum.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -99,12 +101,8 @@ class LMDBSource:
             with_prefix = f" with prefix {key_prefix!r}" if prefix else ""
             raise SourceError(f"{path}: LMDB holds no image keys{with_prefix}")
 
-    def _open(self):  # -> lmdb.Environment (lmdb is imported lazily: only LMDB sources need it)
+    def _open(self) -> lmdb.Environment:
         if self._pid != os.getpid():  # an LMDB environment must not be shared across fork
-            try:
-                import lmdb
-            except ImportError as err:
-                raise SourceError("an LMDB source needs the 'lmdb' package (pip install lmdb)") from err
             try:
                 self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
                                       subdir=self.path.is_dir())

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.locations import Retry, ShardReader, is_remote, local_path, resolve
-from data_pipeline.shards import ManifestError, ShardError, decode_block
+from data_pipeline.manifest import ManifestError
+from data_pipeline.shards import ShardError, decode_block
 
 
 @dataclasses.dataclass

@@ -2,8 +2,8 @@
 
 ``objective:`` picks a registered training objective (:data:`dimsum.diffusion.OBJECTIVES`) and its
 options; ``grid:`` says when the trainer draws an EMA sample grid and with which registered sampler
-(:data:`dimsum.sampling.SAMPLERS`). A new objective or sampler needs no edit here unless it takes an
-option no field below names.
+(:data:`dimsum.sampling.SAMPLERS`). A new objective or sampler needs no edit here: the objective's options
+are read off its constructor, the sampler's settings are ``SamplerConfig`` fields.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import typing
 import warnings
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from dimsum.config import Config, ConfigError
 from dimsum.diffusion import OBJECTIVES, Objective, build_objective
@@ -21,14 +22,10 @@ from dimsum.sampling import SamplerConfig
 
 
 @dataclasses.dataclass
-class ObjectiveConfig(Config):
-    """``kind`` names the objective; the other fields are its options (only those its class takes are
-    passed: ``path``/``time_sampling`` for ``flow``, ``timesteps`` for ``ddpm``)."""
+class _Objective(Config):
+    """The part of :data:`ObjectiveConfig` that is not an option: ``kind`` and what is done with it."""
 
     kind: str = "flow"
-    path: Literal["GVP", "Linear"] = "GVP"
-    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
-    timesteps: int = 1000
 
     def validate(self) -> None:
         self.check(self.kind in OBJECTIVES, "kind", "expected one of " + ", ".join(map(repr, OBJECTIVES)))
@@ -51,6 +48,29 @@ class ObjectiveConfig(Config):
 
     def build(self) -> Objective:
         return build_objective(self.kind, **self.options())
+
+
+def option_fields(objectives: Mapping[str, type]) -> list[tuple[str, Any, Any]]:
+    """One field per constructor option of the registered objectives, typed and defaulted as the constructor
+    declares it (an option that two objectives share must agree on both)."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    for kind, objective in objectives.items():
+        hints = typing.get_type_hints(objective.__init__)
+        for name, parameter in inspect.signature(objective).parameters.items():
+            if parameter.default is inspect.Parameter.empty or name not in hints:
+                raise TypeError(f"objective {kind!r}: option {name!r} needs a type annotation and a default")
+            spec = (hints[name], parameter.default)
+            if fields.setdefault(name, spec) != spec:
+                raise TypeError(f"objective {kind!r}: option {name!r} differs from another objective's")
+    return [(name, tp, dataclasses.field(default=default)) for name, (tp, default) in fields.items()]
+
+
+# ``objective:``: ``kind`` names a registered objective; every other field is an option of some registered
+# objective (only the chosen one's are passed to it). The fields are read off the constructors, so a new
+# objective's options need no edit here and YAML keys stay flat (``objective.timesteps``).
+ObjectiveConfig = dataclasses.make_dataclass("ObjectiveConfig", option_fields(OBJECTIVES),
+                                             bases=(_Objective,))
+ObjectiveConfig.__module__ = __name__  # pickled by reference (submitit ships the experiment config)
 
 
 def _grid_sampler() -> SamplerConfig:

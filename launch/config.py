@@ -153,6 +153,9 @@ class ExperimentConfig(Config):
         root = Path(self.output_root)
         self.check(not (root.exists() and not root.is_dir()), "output_root",
                    "expected a directory (or a path to create); this is an existing file")
+        if self.data.streams > self.train.global_batch:
+            raise ConfigError("data.streams", self.data.streams, f"expected at most train.global_batch="
+                              f"{self.train.global_batch} (every stream feeds each global batch)")
         if self.grid.every % self.train.ckpt_every:
             raise ConfigError("grid.every", self.grid.every, f"expected a multiple of train.ckpt_every="
                               f"{self.train.ckpt_every} (grids are made from checkpoints)")

@@ -60,13 +60,20 @@ dimsum_launch() {
     local restart=${SLURM_RESTART_COUNT:-0}
     local log_dir=${DIMSUM_LOG_DIR:-$root/slurm/logs}
     local task_log=$log_dir/${SLURM_JOB_NAME}-${SLURM_JOB_ID}.restart${restart}.log
+    # One task per GPU of the allocation as it is now: a requeued job may come back on another number of
+    # nodes (scontrol update JobId=... NumNodes=...), and SLURM_NTASKS keeps the count of the submission.
+    # The trainer then resumes through its world-size change path (README, "Resizing a run").
+    local tasks=${SLURM_NTASKS:-1}
+    if [[ -n ${SLURM_NTASKS_PER_NODE:-} && -n ${SLURM_JOB_NUM_NODES:-} ]]; then
+        tasks=$((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE))
+    fi
     mkdir -p "$log_dir"
-    log "job $SLURM_JOB_ID restart $restart on $SLURM_JOB_NODELIST: $SLURM_NTASKS task(s)," \
+    log "job $SLURM_JOB_ID restart $restart on $SLURM_JOB_NODELIST: $tasks task(s)," \
         "master $MASTER_ADDR:$MASTER_PORT, config $config, task log $task_log"
 
     # shellcheck disable=SC2016  # expanded by each task, not here
     local set_ranks='export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS'
-    srun --label --output="$task_log" bash -c "$set_ranks"'; exec "$@"' dimsum-task \
+    srun --ntasks="$tasks" --label --output="$task_log" bash -c "$set_ranks"'; exec "$@"' dimsum-task \
         "${train_cmd[@]}" "$config" "${env_overrides[@]}" "$@" &
     local srun_pid=$!
     # srun relays signals it receives to every task; USR2 is what the trainer listens for.

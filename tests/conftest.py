@@ -13,7 +13,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from data_pipeline.demo import build_digits_shards
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The in-process tests first, for quick feedback; tests/integration/ (real processes) after them."""
+    items.sort(key=lambda item: item.path.is_relative_to(INTEGRATION))
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +43,6 @@ def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The CPU demo's data set (scikit-learn digits as 1x16x16 pixel shards of 500, 500, 500, 297 samples).
     Shared read-only by the loader, trainer and SLURM tests."""
-    from data_pipeline.demo import build_digits_shards
-
     folder = tmp_path_factory.mktemp("digits") / "shards"
     build_digits_shards(folder)
     return folder

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from shard_helpers import edit_manifest
-from trainer_helpers import CONFIG, dimsum, overrides
 
 from data_pipeline.demo import digits_pixels
 from dimsum.models import build_model, model_config
@@ -25,6 +23,8 @@ from launch.cli import main
 from launch.generate.judge import MIN_ACCURACY, Judge, _read_cache, held_out_split, load_judge
 from launch.generate.quality import digits_metrics
 from launch.generate.weights import CONFIG_METADATA_KEY
+from tests.support.shard_helpers import edit_manifest
+from tests.support.trainer_helpers import CONFIG, dimsum, overrides
 
 
 @pytest.fixture(scope="module")

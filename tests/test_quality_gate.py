@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 
 import pytest
-from trainer_helpers import ok, overrides, torchrun
+from mlflow.tracking import MlflowClient
+
+from tests.support.trainer_helpers import ok, overrides, torchrun
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -46,8 +48,6 @@ def test_dimsum_debug_learns_class_conditional_digits_within_the_ci_budget(
     assert scores["count"] == 100 and scores["nfe"] == 10
     assert scores["accuracy"] >= MIN_ACCURACY, f"class accuracy {scores['accuracy']:.2f} < {MIN_ACCURACY}"
     assert scores["fd"] <= MAX_FD, f"FD {scores['fd']:.1f} > {MAX_FD}"
-
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
     run_id = (run / "mlflow_run_id").read_text().strip()

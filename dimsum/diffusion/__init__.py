@@ -5,7 +5,8 @@ solvers. ``ddpm``: Gaussian diffusion with learned sigma (:class:`GaussianDiffus
 ``timesteps``), sampled by its own ``ddpm``/``ddim`` chains. How to add an objective: a module here with
 a class implementing :class:`Objective` and, when its samples come from its own chain, a solver
 ``(cfg, objective, model_fn, x0, noise) -> x1`` for :data:`dimsum.sampling.SAMPLERS`; then one line in
-``OBJECTIVES`` below (and its solver in ``SAMPLERS``).
+``OBJECTIVES`` below (and its solver in ``SAMPLERS``). The constructor's keyword options, annotated and with
+defaults, become the ``objective.*`` config keys (``launch.components.ObjectiveConfig`` reads them off it).
 """
 
 from __future__ import annotations

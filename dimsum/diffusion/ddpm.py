@@ -152,8 +152,8 @@ class DiffusionChain:
 class GaussianDiffusion:
     """DDPM with learned sigma as an :class:`~dimsum.diffusion.objective.Objective` (DiT's set-up).
 
-    Training draws t uniformly from 0..T−1 and the noise from torch's default generator (which the
-    trainer checkpoints, so resume stays bit-exact). Sampling goes through its own chains
+    Training draws t uniformly from 0..T−1 and the noise from torch's default generator (docs/architecture.md,
+    determinism contract). Sampling goes through its own chains
     (:meth:`respaced`, the ``ddpm`` and ``ddim`` samplers), not through a velocity.
     """
 

@@ -47,8 +47,7 @@ class Transport:
     """Flow matching (an :class:`~dimsum.diffusion.objective.Objective`) and the path algebra shared by the
     ODE and SDE samplers. The network predicts the velocity: ``in_channels`` outputs, all guided.
 
-    Randomness (x0, t) comes from torch's default generator on purpose: the trainer saves and restores
-    that generator's state, which makes a resumed run bit-identical to an uninterrupted one.
+    x0 and t come from torch's default generator on purpose (docs/architecture.md, determinism contract).
     """
 
     def __init__(self, path: Literal["GVP", "Linear"] = "GVP",

@@ -86,7 +86,8 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class table with an optional last "null" row; labels are dropped to null while training (for CFG).
 
-    The drop mask comes from ``torch.rand`` on the default generator, so a restored RNG state replays it.
+    The drop mask comes from ``torch.rand`` on the default generator (docs/architecture.md, determinism
+    contract).
     """
 
     def __init__(self, num_classes: int, dim: int, dropout: float) -> None:

@@ -11,7 +11,7 @@ The recurrence (per channel d and state n), started from h_{-1} = h0 (zeros if N
   (work-efficient, log-depth) scan, in an autograd Function whose hand-written backward is the reverse-time
   scan of the same form. No Python loop over time steps; only the (B, D, L)-sized inputs are saved.
 - "cuda" calls mamba-ssm's ``selective_scan_fn`` (which has no initial-state input) and adds the exact
-  closed-form contribution of h0 (:func:`initial_state_correction`); the conv uses ``causal_conv1d_fn``.
+  closed-form contribution of h0 (``recurrence.py``); the conv uses ``causal_conv1d_fn``.
   The CUDA packages are imported lazily, so CPU machines never import them.
 
 SSMs are precision sensitive, so the maths runs in float32 (float64 stays float64) even under bf16
@@ -31,141 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dimsum.ssm.recurrence import (
+    InitialStateTerm,
+    block_elements,
+    compute_dtype,
+    prepare_delta,
+    skip_and_gate,
+)
+
 BACKENDS = ("auto", "torch", "cuda")
 ACTIVATIONS = (None, "silu")
-# Elements per (L, B, d, N) work tensor of the torch backend: 2 MiB of float32 stays in cache on CPU (the
-# fastest of 1-8 MiB, see benchmarks/scan.py --block-elements); GPUs want fewer, bigger launches.
-CPU_BLOCK_ELEMENTS = 1 << 19
-GPU_BLOCK_ELEMENTS = 1 << 24
-
-
-# ----------------------------------------------------------------------------- shared pieces
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool,
-                   dtype: torch.dtype) -> Tensor:
-    delta = delta.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype).unsqueeze(-1)
-    return F.softplus(delta) if delta_softplus else delta
-
-
-def _skip_and_gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
-    if D is not None:
-        y = y + D.to(y.dtype).unsqueeze(-1) * u.to(y.dtype)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    return y
-
-
-def _per_channel(t: Tensor, channels: int) -> Tensor:
-    """B or C as (B, D, N, L) for grouped (B, G, N, L) input, (B, 1, N, L) for shared (B, N, L) input."""
-    return t.unsqueeze(1) if t.dim() == 3 else t.repeat_interleave(channels // t.shape[1], dim=1)
-
-
-def sequential_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
-                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                    h0: Tensor | None = None) -> Tensor:
-    """The reference: one Python step per time step, as mamba-ssm's ``selective_scan_ref``. That one builds
-    exp(delta A) for all steps up front; doing it per step keeps this loop's autograd graph small and fast."""
-    dtype = _compute_dtype(u)
-    delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    A, x = A.to(dtype), u.to(dtype)
-    B, C = (_per_channel(t.to(dtype), x.shape[1]) for t in (B, C))  # (B, D or 1, N, L)
-    h = x.new_zeros(*x.shape[:2], A.shape[1]) if h0 is None else h0.to(dtype)
-    ys = []
-    for t in range(x.shape[-1]):
-        dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * B[..., t] * x[:, :, t, None]
-        ys.append((h * C[..., t]).sum(-1))
-    return _skip_and_gate(torch.stack(ys, dim=-1), x, D, z).to(u.dtype)
-
-
-def initial_state_correction(delta: Tensor, A: Tensor, C: Tensor, h0: Tensor) -> Tensor:
-    """Exact contribution of h0 to C_t . h_t (before the D-skip and the gate), shape (B, D, L).
-
-    Unrolling the recurrence, h0 reaches step t through prod_{s<=t} exp(delta_s A) = exp(A * cumsum(delta)),
-    so y_t[d] gains sum_n C_t[n] exp(A[d, n] sum_{s<=t} delta_s[d]) h0[d, n]. ``delta`` is the value AFTER
-    bias and softplus. The exponent is <= 0 for A < 0 and delta >= 0, so this never overflows.
-    """
-    return _InitialStateTerm.apply(delta, None, False, A, C, h0, None)
-
-
-def _softplus_grad(x: Tensor) -> Tensor:
-    """d softplus / dx as F.softplus computes it (linear above its threshold 20), so gradients match."""
-    return torch.where(x > 20, torch.ones_like(x), torch.sigmoid(x))
-
-
-def _silu_grad(z: Tensor) -> Tensor:
-    sig = torch.sigmoid(z)
-    return sig * (1 + z * (1 - sig))
-
-
-class _InitialStateTerm(torch.autograd.Function):
-    """The h0 term, gated: corr[b, d, l] * silu(z) with corr = sum_n C[b, n, l] exp(A[d, n] S[b, d, l])
-    h0[b, d, n] and S = cumsum(delta) for delta after its bias and softplus.
-
-    The (B, D, L, N) decay exp(A S) is the largest tensor of the layer (N times the activations), so it is
-    never kept: both passes build it per channel block. Only the inputs are saved, which the scan kernel
-    keeps anyway (raw delta, z), so the term adds O(B N L + B D N) to what backward holds; S, the softplus
-    and the gate are recomputed. With E = exp(A S) and Q = g C E for the gradient g of corr: dh0 = sum_l Q,
-    R = Q h0 gives dS = sum_n R A and dA = sum_{b,l} R S, and dC = sum_d g E h0.
-    """
-
-    @staticmethod
-    def forward(ctx, delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool,  # noqa: PLR0917
-                A: Tensor, C: Tensor, h0: Tensor, z: Tensor | None) -> Tensor:
-        ctx.delta_softplus = delta_softplus
-        ctx.save_for_backward(delta, delta_bias, A, C, h0, z)
-        dtype = _compute_dtype(delta)
-        S = _prepare_delta(delta, delta_bias, delta_softplus, dtype).cumsum(-1)
-        A, Ct, h0 = A.to(dtype), C.to(dtype).transpose(1, 2).unsqueeze(1), h0.to(dtype)  # Ct (B, 1, L, N)
-        out = S.new_empty(S.shape)
-        for s in _InitialStateTerm._slices(S, A):
-            decay = torch.exp(S[:, s, :, None] * A[None, s, None, :])
-            out[:, s] = decay.mul_(h0[:, s, None, :]).mul_(Ct).sum(-1)
-        return out if z is None else out.mul_(F.silu(z.to(dtype)))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        delta, delta_bias, A_in, C_in, h0_in, z = ctx.saved_tensors
-        dtype = _compute_dtype(delta)
-        with torch.autocast(delta.device.type, enabled=False):
-            raw = delta.to(dtype) if delta_bias is None else delta.to(dtype) + delta_bias.to(dtype)[:, None]
-            S = (F.softplus(raw) if ctx.delta_softplus else raw).cumsum(-1)
-            A, Ct, h0 = A_in.to(dtype), C_in.to(dtype).transpose(1, 2).unsqueeze(1), h0_in.to(dtype)
-            g = grad.to(dtype) if z is None else grad.to(dtype) * F.silu(z.to(dtype))
-            corr = None if z is None else torch.empty_like(S)
-            dS, dA, dh0 = torch.empty_like(S), torch.empty_like(A), torch.empty_like(h0)
-            dCt = S.new_zeros(Ct.shape[0], Ct.shape[2], Ct.shape[3])  # (B, L, N)
-            for s in _InitialStateTerm._slices(S, A):
-                decay = torch.exp(S[:, s, :, None] * A[None, s, None, :])
-                if corr is not None:
-                    corr[:, s] = (decay * h0[:, s, None, :]).mul_(Ct).sum(-1)
-                decay.mul_(g[:, s, :, None])  # g E
-                q = decay * Ct
-                dh0[:, s] = q.sum(2)
-                r = q.mul_(h0[:, s, None, :])
-                dS[:, s] = (r * A[None, s, None, :]).sum(-1)
-                dA[s] = r.mul_(S[:, s, :, None]).sum((0, 2))
-                dCt += decay.mul_(h0[:, s, None, :]).sum(1)
-            d_delta = dS.flip(-1).cumsum(-1).flip(-1)  # through S = cumsum(delta)
-            if ctx.delta_softplus:
-                d_delta = d_delta * _softplus_grad(raw)
-            d_bias = None if delta_bias is None else d_delta.sum((0, 2)).to(delta_bias.dtype)
-            dz = None if z is None else (grad.to(dtype) * corr * _silu_grad(z.to(dtype))).to(z.dtype)
-        return (d_delta.to(delta.dtype), d_bias, None, dA.to(A_in.dtype), dCt.transpose(1, 2).to(C_in.dtype),
-                dh0.to(h0_in.dtype), dz)
-
-    @staticmethod
-    def _slices(S: Tensor, A: Tensor) -> Iterator[slice]:
-        batch, channels, length = S.shape
-        budget = CPU_BLOCK_ELEMENTS if S.device.type == "cpu" else GPU_BLOCK_ELEMENTS
-        size = min(channels, max(1, budget // (batch * length * A.shape[1])))
-        return (slice(i, i + size) for i in range(0, channels, size))
 
 
 # ----------------------------------------------------------------------------- torch backend
@@ -220,7 +95,7 @@ def _blocks(x: Tensor, state: int, per_channel: tuple[Tensor, ...], h0: Tensor |
     returned to the OS on free and page-faulted in again, which costs more than the arithmetic on them.
     """
     length, batch, channels = x.shape
-    budget = CPU_BLOCK_ELEMENTS if x.device.type == "cpu" else GPU_BLOCK_ELEMENTS
+    budget = block_elements(x.device)
     size = min(channels, max(1, budget // (length * batch * state)))
     buffers = x.new_empty(work, length * batch * size * state)
     for i in range(0, channels, size):
@@ -303,13 +178,13 @@ def _scan_groups(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, h
 def _torch_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None,
                 z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
                 h0: Tensor | None) -> Tensor:
-    dtype = _compute_dtype(u)
+    dtype = compute_dtype(u)
     with torch.autocast(u.device.type, enabled=False):
-        delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
+        delta = prepare_delta(delta, delta_bias, delta_softplus, dtype)
         x = u.to(dtype)
         y = _scan_groups(x, delta, A.to(dtype), B.to(dtype), C.to(dtype),
                          h0=None if h0 is None else h0.to(dtype))
-        return _skip_and_gate(y, x, D, z).to(u.dtype).contiguous()
+        return skip_and_gate(y, x, D, z).to(u.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------- cuda backend
@@ -407,13 +282,13 @@ def scan_with_zero_state_kernel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
     kernel already returns (C.h_zero + D u) silu(z), so we add corr * silu(z). ``kernel`` is a parameter so
     that this exact decomposition is tested on CPU with the torch zero-state scan in place of the CUDA one.
     """
-    dtype = _compute_dtype(u)  # the kernel wants A, D and delta_bias in float32, as mamba-ssm's Mamba passes
+    dtype = compute_dtype(u)  # the kernel wants A, D and delta_bias in float32, as mamba-ssm's Mamba passes
     y = kernel(u, delta, A.to(dtype), B, C, D=None if D is None else D.to(dtype), z=z,
                delta_bias=None if delta_bias is None else delta_bias.to(dtype), delta_softplus=delta_softplus)
     if h0 is None:
         return y
     with torch.autocast(u.device.type, enabled=False):
-        corr = _InitialStateTerm.apply(delta, delta_bias, delta_softplus, A, C, h0, z)
+        corr = InitialStateTerm.apply(delta, delta_bias, delta_softplus, A, C, h0, z)
         return (y.to(dtype) + corr).to(u.dtype)
 
 

@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from data_pipeline.demo import build_digits_shards
 from launch.config import load_config
+from launch.generate.export import export
 from launch.train.checkpoint import OURS, RunDirError, is_ours
 from launch.train.distributed import resolve_env
 
@@ -77,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(run_dir)
     shards = Path(cfg.data.shards)
     if not (shards / "manifest.json").is_file():
-        from data_pipeline.demo import build_digits_shards
 
         build_digits_shards(shards)
         print(f"==> digits shards written to {shards}", flush=True)
@@ -87,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
     if code:
         print(f"dimsum demo: training exited with code {code}", file=sys.stderr)
         return code
-    from launch.generate.export import export
-
     weights = export(run_dir)
     grids = sorted((run_dir / "samples").glob("*.png"))
     print(f"\n==> done in {time.perf_counter() - began:.0f} s")
@@ -96,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"    EMA weights:  {weights}")
     if grids:
         print(f"    sample grid:  {grids[-1]}  (one column per digit class, EMA weights)")
-        scores = grids[-1].with_suffix(".quality.json")  # launch/train/quality_hook.py
+        scores = grids[-1].with_suffix(".quality.json")  # written by launch.train.hooks.QualityHook
         if scores.is_file():
             print(f"    quality:      {quality_line(json.loads(scores.read_text()))}  "
                   f"(again: dimsum eval digits {run_dir})")

@@ -27,7 +27,9 @@ import submitit
 
 from dimsum.config import ConfigError
 from launch.config import ExperimentConfig, load_config
+from launch.train.distributed import slurm_master_port
 from launch.train.preemption import REQUEUE_EXIT_CODE
+from launch.train.trainer import run_training
 
 SIGNAL_DELAY_S = 120  # same lead time as `--signal=B:USR2@120` in the sbatch recipes
 
@@ -66,8 +68,6 @@ def slurm_minutes(time: str) -> int:
 
 def export_distributed_env() -> dict[str, str]:
     """Export the torch.distributed env:// variables for this task from submitit's job environment."""
-    from launch.train.distributed import slurm_master_port
-
     env = submitit.JobEnvironment()
     job_id = os.environ.get("SLURM_JOB_ID") or re.sub(r"\D", "", env.job_id)  # local/debug: a pid or id
     values = {
@@ -162,10 +162,7 @@ def submit_task(
 
 
 def _train(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The task body: the trainer's summary, or SystemExit(75) once it saved after a signal. Imports the
-    trainer (DeepSpeed, torch) only inside the job."""
-    from launch.train.trainer import run_training
-
+    """The task body: the trainer's summary, or SystemExit(75) once it saved after a signal."""
     summary = run_training(cfg)
     if summary["exit_code"] == REQUEUE_EXIT_CODE:
         raise SystemExit(REQUEUE_EXIT_CODE)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from dimsum.errors import UserError
 from launch.config import dump_config, saved_config
 from launch.generate.weights import CONFIG_METADATA_KEY, OBJECTIVE_METADATA_KEY, checkpoint_dir, step_weights
@@ -25,8 +27,6 @@ class ExportError(UserError, ValueError):
 def export(run_dir: str | Path, out: str | Path | None = None, step: int | None = None,
            which: str = "ema") -> Path:
     """Write ``out`` (default ``RUN/export/step-NNNNNNN-<which>.safetensors``) and its config YAML."""
-    from safetensors.torch import save_file
-
     if out is not None and Path(out).is_dir():
         raise ExportError(f"--out: {out} is a directory; expected a .safetensors file path")
     step_dir = checkpoint_dir(run_dir, step)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 
 from dimsum.models.dimsum import released as dimsum_released
 from dimsum.models.lamamba import released as lamamba_released
@@ -43,7 +44,6 @@ LAMAMBA_ONLY_PREFIXES = ("layers_up.", "mid_layer.")  # the decoder and bottlene
 def read_checkpoint(path: Path) -> Any:
     """The file's content (tensors, dicts, the allowed argument and config objects), without running code."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
 
         return load_file(path)
     with torch.serialization.safe_globals(SAFE_GLOBALS):

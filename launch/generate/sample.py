@@ -3,8 +3,8 @@
 Sample i's noise comes from its own generator seeded with (seed, i). A sample therefore does not depend
 on the batch it lands in, on the batch size, or on how many processes share the work: under torchrun
 each rank takes a contiguous block of indices (so ranks draw distinct noise deterministically) and rank 0
-merges the blocks in index order. Sampling never touches torch's global generator, so periodic sample
-grids inside training leave the training RNG stream (and bit-exact resume) alone.
+merges the blocks in index order. Sampling never touches torch's global generator (docs/architecture.md,
+determinism contract).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from dimsum.diffusion import Objective
 from dimsum.errors import UserError
 from dimsum.sampling import Sampler, SamplerConfig, guided_prediction
 from launch.components import ObjectiveConfig
+from launch.config import apply_overrides
 from launch.generate import weights
 from launch.generate.images import save_grid, save_npz, to_uint8
+from launch.train.distributed import init_distributed
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -158,7 +160,6 @@ def join_process_group(device: str) -> tuple[int, int, bool]:
     srun), or a single process. ``created`` says whether we own the group and must destroy it."""
     created = False
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from launch.train.distributed import init_distributed
 
         init_distributed(device, with_deepspeed=False)
         created = True
@@ -181,7 +182,6 @@ def load_model(args: argparse.Namespace, device: str,
         cfg, state, source = *weights.load_exported(args.weights), str(args.weights)
         objective = weights.exported_objective(args.weights)
     elif args.released:
-        from launch.config import apply_overrides
 
         cfg, state = weights.load_released_checkpoint(args.released, args.which, args.model,
                                                       apply_overrides({}, args.model_set))

@@ -18,19 +18,23 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from dimsum.config import ConfigError
 from dimsum.errors import UserError
 from dimsum.models import REGISTRY, ModelConfig, build_model
+from dimsum.models.dimsum.released import config_from_state_dict, released_config
+from dimsum.models.lamamba import released as lamamba_released
 from launch.components import ObjectiveConfig
 from launch.config import saved_config
+from launch.generate.released import convert_released, read_released, released_family
+from launch.logs import warn
 from launch.train.checkpoint import CheckpointManager, damage
 from launch.train.state import client_state, consolidate_ema
 
@@ -44,8 +48,6 @@ class WeightsError(UserError, ValueError):
 
 def load_exported(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, state dict) from a safetensors file written by ``dimsum export``."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
@@ -75,10 +77,6 @@ def load_released_checkpoint(path: str | Path, which: str = "ema", name: str | N
     The family, and with it the released format, is ``name``'s, or read off the key names without one
     (DiMSUM sizes are then inferred from shapes; LaMamba-Diff is its one released size, XL).
     """
-    from dimsum.models.dimsum.released import config_from_state_dict, released_config
-    from dimsum.models.lamamba import released as lamamba_released
-    from launch.generate.released import convert_released, read_released, released_family
-
     try:
         released = read_released(path, which="ema" if which == "ema" else "model")
         family = REGISTRY[name].family if name in REGISTRY else released_family(released)
@@ -115,7 +113,7 @@ def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
         problem = damage(ckpt.path)
         if problem is None:
             for line in problems:
-                print(f"WARNING: {line}; using {ckpt.path.name} instead", file=sys.stderr, flush=True)
+                warn(f"{line}; using {ckpt.path.name} instead")
             return ckpt.path
         problems.append(f"checkpoint {ckpt.path} is damaged: {problem}")
     raise WeightsError("; ".join(problems))
@@ -161,8 +159,6 @@ def load_run(run_dir: str | Path, step: int | None = None,
 
 def exported_objective(path: str | Path) -> ObjectiveConfig:
     """The objective an exported file was trained with (files exported before it was recorded: flow/GVP)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         text = (f.metadata() or {}).get(OBJECTIVE_METADATA_KEY)
     try:

@@ -28,6 +28,7 @@ is unit-tested with simulated ranks (torchtitan style) and driven by ``torch.dis
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -36,7 +37,8 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from dimsum.errors import UserError
 
@@ -115,19 +117,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_file_list(step_dir: Path, rank: int, files: Iterable[Path]) -> None:
-    """Flush this rank's ``files`` and record their sizes and sha256 (read back from the page cache)."""
+    """Flush this rank's ``files`` and record their sizes and sha256 (read back from the page cache), by
+    their path relative to ``step_dir`` (a world-size-independent copy keeps files in subfolders)."""
     entries = {}
     for file in sorted(set(files)):
-        if file.parent != step_dir:
+        if not file.is_relative_to(step_dir) or file == step_dir:
             raise OSError(f"checkpoint file {file} is outside its directory {step_dir}")
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
-        entries[file.name] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+        entries[file.relative_to(step_dir).as_posix()] = {"bytes": file.stat().st_size,
+                                                          "sha256": sha256_file(file)}
     atomic_write_text(step_dir / file_list_name(rank), json.dumps({"rank": rank, "files": entries}) + "\n")
 
 
 class _DamageError(Exception):
     """Why a checkpoint must not be loaded (internal to :func:`damage`)."""
+
+
+def marker(step_dir: Path) -> dict[str, Any]:
+    """The ``COMPLETE`` marker of a checkpoint: step, world size, time and the manager's ``facts``."""
+    return json.loads((step_dir / MARKER).read_text())
 
 
 def damage(step_dir: Path) -> str | None:
@@ -136,11 +145,14 @@ def damage(step_dir: Path) -> str | None:
     (no planted file) is in the directory."""
     try:
         expected, listed = _file_lists(step_dir)
-        for name in sorted({p.name for p in step_dir.iterdir()} - expected - listed.keys()):
+        folders = {parent.as_posix() for name in listed for parent in PurePosixPath(name).parents}
+        present = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")}
+        for name in sorted(present - expected - listed.keys() - folders):
             raise _DamageError(f"{name} is not one of the files the ranks wrote")
         for name, entry in sorted(listed.items()):
             path = step_dir / name
-            if "/" in name or name in expected or not path.is_file():
+            if ".." in PurePosixPath(name).parts or name.startswith("/") or name in expected \
+                    or not path.is_file():
                 raise _DamageError(f"{name} is missing")
             if path.stat().st_size != entry["bytes"]:
                 raise _DamageError(f"{name} has {path.stat().st_size} bytes, {entry['bytes']} were written")
@@ -204,7 +216,8 @@ class CheckpointManager:
 
     def __init__(self, root: str | Path, *, rank: int = 0, world_size: int = 1,
                  barrier: Callable[[], None] = lambda: None, all_true: Callable[[bool], bool] = lambda ok: ok,
-                 keep_last: int = 2, milestone_every: int = 0, log: Callable[[str], None] = print) -> None:
+                 keep_last: int = 2, milestone_every: int = 0, log: Callable[[str], None] = print,
+                 facts: Callable[[], dict[str, Any]] = dict) -> None:
         if keep_last < 2:
             raise ValueError(f"keep_last must be >= 2 (a newer save may fail half-way), got {keep_last}")
         self.root = Path(root)
@@ -212,6 +225,7 @@ class CheckpointManager:
         self.barrier, self.all_true = barrier, all_true
         self.keep_last, self.milestone_every = keep_last, milestone_every
         self.log = log
+        self.facts = facts  # more plain values for the marker, readable without unpickling anything
 
     def step_dir(self, step: int) -> Path:
         return self.root / step_name(step)
@@ -313,7 +327,7 @@ class CheckpointManager:
         return True
 
     def _commit(self, step: int, path: Path) -> None:
-        info = {"step": step, "world_size": self.world_size, "time": time.time()}
+        info = {**self.facts(), "step": step, "world_size": self.world_size, "time": time.time()}
         atomic_write_text(path / MARKER, json.dumps(info) + "\n")
         atomic_write_text(self.root / POINTER, step_name(step) + "\n")
 
@@ -333,8 +347,6 @@ class CheckpointManager:
 
 
 def main() -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Trust checkpoints written before dimsum verified them.")
     parser.add_argument("command", choices=["seal"])
     parser.add_argument("step_dirs", nargs="+", type=Path, help="RUN/step-NNNNNNN directories you trust")

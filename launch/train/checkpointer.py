@@ -8,7 +8,6 @@ cadence (every ``train.ckpt_every`` steps, the last step, and whenever the job i
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 
@@ -24,18 +23,24 @@ from launch.train.checkpoint import (
     RunDirError,
     fully_written,
     is_ours,
+    marker,
     remove_ours,
 )
 from launch.train.collectives import Collectives
+from launch.train.deepspeed_engine import batch_layout
+from launch.train.reshard import Resize, prepare
 from launch.train.state import CheckpointStates
 
 BeforeWrite = Callable[[str], None]  # called with each file a save is about to write
 
 
 def resume_point(manager: CheckpointManager, cfg: ExperimentConfig, collectives: Collectives,
-                 log: Callable[[str], None]) -> tuple[Checkpoint | None, list[str]]:
+                 log: Callable[[str], None],
+                 reshard_progress: Callable[[int], Callable[[str], None]] = lambda step: lambda stage: None,
+                 ) -> tuple[Checkpoint | None, list[str], Resize | None]:
     """(rank 0's newest intact checkpoint, or None for a fresh start it allowed, agreed by all ranks;
-    a line per damaged newer checkpoint skipped). Runs before any heavy work, so a refusal is quick."""
+    a line per damaged newer checkpoint skipped; the :class:`Resize` when it was written by another
+    number of ranks, converted for this one). Runs before any heavy work, so a refusal is quick."""
     start, refusal, fallback = None, None, []
     if manager.rank == 0:
         try:
@@ -48,16 +53,17 @@ def resume_point(manager: CheckpointManager, cfg: ExperimentConfig, collectives:
     if refused:
         raise RunDirError(f"rank 0 refused the run directory {manager.root} (see its message)")
     if step < 0:
-        return None, fallback
+        return None, fallback, None
     start = Checkpoint(int(step), manager.step_dir(int(step)))
     for change in check_resume_config(manager.root, cfg):
         log(f"resuming with a changed config: {change}")
-    saved_world = json.loads((start.path / MARKER).read_text())["world_size"]
-    if saved_world != manager.world_size:
-        raise RuntimeError(f"{start.path} was written by {saved_world} ranks but this job has "
-                           f"{manager.world_size}: ZeRO shards and the data stream depend on the world size; "
-                           f"relaunch with {saved_world} ranks or start a new experiment name")
-    return start, fallback
+    saved_world = int(marker(start.path)["world_size"])
+    if saved_world == manager.world_size:
+        return start, fallback, None
+    _, written_accumulation = batch_layout(cfg.train, saved_world)  # for markers that predate recording it
+    resize = prepare(start, manager.rank, manager.world_size, written_accumulation, collectives, log=log,
+                     progress=reshard_progress(start.step))
+    return start, fallback, resize
 
 
 def claim_run_dir(manager: CheckpointManager, cfg: ExperimentConfig,

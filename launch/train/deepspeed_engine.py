@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dimsum.config import ConfigError
@@ -31,21 +32,51 @@ def select_precision(requested: str, device: str) -> str:
     return requested
 
 
-def batch_layout(train: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(micro batch per rank, gradient-accumulation steps) for ``train.global_batch`` over ``world_size``."""
-    micro = train.micro_batch or train.global_batch // world_size
+def batch_layout(train: TrainConfig, world_size: int, keep_micro: int = 0) -> tuple[int, int]:
+    """(micro batch per rank, gradient-accumulation steps) for ``train.global_batch`` over ``world_size``.
+
+    ``train.micro_batch`` 0 means ``global_batch / world_size``, except when resuming a run whose
+    micro-batch was ``keep_micro``: then the largest micro-batch up to it that fits, so a run resized to
+    fewer ranks accumulates instead of needing more memory per device, and a later restart keeps its
+    layout (hence its bit-exact resume). An impossible layout is a one-line error listing what would work.
+    """
+    micro = train.micro_batch or _auto_micro(train.global_batch, world_size, keep_micro)
     if micro < 1 or train.global_batch % (micro * world_size):
         field = "train.micro_batch" if train.micro_batch else "train.global_batch"
+        works = _what_works(train.global_batch, world_size)
         raise ConfigError(field, train.micro_batch or train.global_batch,
-                          f"global_batch={train.global_batch} must be a multiple of "
-                          f"micro_batch x world_size = {micro} x {world_size}")
+                          f"global_batch={train.global_batch} must be a multiple of micro_batch x "
+                          f"world_size = {micro} x {world_size}; {works}")
     return micro, train.global_batch // (micro * world_size)
 
 
-def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
-    """The ds_config dict: batch layout, AdamW, clipping, warm-up, ZeRO stage, plus ``deepspeed.extra``."""
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _auto_micro(global_batch: int, world_size: int, keep_micro: int) -> int:
+    per_rank = global_batch // world_size
+    if keep_micro and per_rank and global_batch % world_size == 0:
+        return max(d for d in _divisors(per_rank) if d <= keep_micro)
+    return per_rank
+
+
+def _what_works(global_batch: int, world_size: int) -> str:
+    if global_batch % world_size == 0:
+        micro = ", ".join(map(str, _divisors(global_batch // world_size)))
+        return f"micro_batch values that work on {world_size} rank(s): {micro}"
+    worlds = ", ".join(map(str, _divisors(global_batch)))
+    return (f"{global_batch} samples do not split over {world_size} ranks: world sizes that work: {worlds} "
+            f"(or a global_batch that is a multiple of {world_size})")
+
+
+def deepspeed_config(cfg: ExperimentConfig, world_size: int, layout: tuple[int, int] | None = None,
+                     universal: bool = False) -> dict[str, Any]:
+    """The ds_config dict: batch layout (``layout`` = (micro, accumulation), default :func:`batch_layout`),
+    AdamW, clipping, warm-up, ZeRO stage, plus ``deepspeed.extra``; ``universal`` makes ``load_checkpoint``
+    read a world-size-independent copy (launch/train/reshard.py)."""
     train = cfg.train
-    micro, accum = batch_layout(train, world_size)
+    micro, accum = layout or batch_layout(train, world_size)
     clashes = [k for k in RESERVED_DS_KEYS if k in cfg.deepspeed.extra]
     if clashes:
         raise ConfigError(f"deepspeed.extra.{clashes[0]}", cfg.deepspeed.extra[clashes[0]],
@@ -64,6 +95,8 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if universal:
+        ds["checkpoint"] = {"load_universal": True}
     if train.warmup_steps:
         ds["scheduler"] = {"type": "WarmupLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_num_steps": train.warmup_steps,
@@ -71,41 +104,44 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     return deep_merge(ds, cfg.deepspeed.extra)
 
 
-def initialize(model: nn.Module, cfg: ExperimentConfig, world_size: int) -> Any:
+def initialize(model: nn.Module, cfg: ExperimentConfig, world_size: int, *,
+               layout: tuple[int, int] | None = None, universal: bool = False) -> Any:
     """``deepspeed.initialize`` on ``model`` with :func:`deepspeed_config`; returns the engine."""
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad],
-                                      config=deepspeed_config(cfg, world_size))
+                                      config=deepspeed_config(cfg, world_size, layout, universal))
     return engine
 
 
-def master_fragments(engine: Any) -> dict[str, tuple[int, Tensor]]:
-    """name -> (offset into the flattened parameter, view of this rank's slice of its fp32 master weight).
+def master_fragments(engine: Any, state: str = "fp32") -> dict[str, tuple[int, Tensor]]:
+    """name -> (offset into the flattened parameter, view of this rank's slice of its fp32 master weight,
+    or of an optimizer state of it such as ``exp_avg`` when ``state`` names one).
 
     ZeRO-1/2 cut the flat fp32 buffer into equal rank partitions, so a parameter may be split between
     ranks or absent from this one (``_hp_mapping`` is None). ZeRO-3 partitions each parameter into
     ``partition_numel()`` elements per rank, the last one padded. Views are re-linked by DeepSpeed after
     ``load_checkpoint``, so call this again after loading.
     """
-    import torch.distributed as dist
-
+    optim_state = None if state == "fp32" else state
     frags: dict[str, tuple[int, Tensor]] = {}
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
             continue  # frozen weights never change; exports take them from the model itself
         if hasattr(param, "ds_id"):
-            from deepspeed.utils import safe_get_local_fp32_param
+            from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
             size = param.partition_numel()
             offset = dist.get_rank() * size
             valid = max(0, min(size, param.ds_numel - offset))
-            frags[name] = (offset, safe_get_local_fp32_param(param).narrow(0, 0, valid))
+            local = (safe_get_local_fp32_param(param) if optim_state is None
+                     else safe_get_local_optimizer_state(param, optim_state))
+            frags[name] = (offset, local.narrow(0, 0, valid))
         elif getattr(param, "_hp_mapping", None) is not None:
             mapping = param._hp_mapping
-            frags[name] = (mapping.lp_fragment_address.start, mapping.get_hp_fragment())
+            frags[name] = (mapping.lp_fragment_address.start, mapping.get_hp_fragment(optim_state))
     return frags
 
 

@@ -11,6 +11,8 @@ exact step. ``DIMSUM_FAULTS`` is a comma-separated list of ``kind@steps[:rank]``
     signal_in_save   SIGTERM to this process just before its first file write of the save at step N
     nan              the loss of the first micro-batch attempted for step N becomes NaN
     pause            at step N, wait until the file ``$DIMSUM_FAULTS_RELEASE`` exists
+    kill_in_reshard  SIGKILL this process once DeepSpeed's files of the world-size-independent copy of the
+                     checkpoint of step N are written (before the EMA, the file list and the marker)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from launch.train.deepspeed_engine import disk_full
 
-KINDS = ("kill", "kill_in_save", "enospc_in_save", "signal_in_save", "nan", "pause")
+KINDS = ("kill", "kill_in_save", "enospc_in_save", "signal_in_save", "nan", "pause", "kill_in_reshard")
 
 
 @dataclasses.dataclass
@@ -95,3 +97,13 @@ class Faults:
             writes += 1
 
         return before_write
+
+    def reshard_hook(self, step: int) -> Callable[[str], None]:
+        """``progress(stage)`` for the conversion of the checkpoint of ``step`` (launch/train/reshard.py)."""
+        kill = self.fires("kill_in_reshard", step)
+
+        def progress(stage: str) -> None:
+            if kill and stage == "written":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return progress

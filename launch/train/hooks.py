@@ -11,13 +11,22 @@ To add one: subclass :class:`Hook`, override the events it needs, and add it in 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from data_pipeline.demo import SOURCE_NAME
+from dimsum.config import ConfigError
+from launch.generate.grid import ema_model, write_grid
+from launch.generate.judge import Judge, load_judge
+from launch.generate.quality import not_digits, sample_quality
+from launch.train.checkpoint import marker, step_name
 from launch.train.faults import Faults
 from launch.train.metrics import StepMeter
+from launch.train.reshard import remove_copies
 
 if TYPE_CHECKING:
     from launch.train.trainer import Trainer
@@ -124,8 +133,6 @@ class SampleGrid(Hook):
 
     def write(self, trainer: Trainer) -> None:
         if trainer.rank == 0:
-            from launch.generate.grid import write_grid  # diffusers and the samplers: only when a grid is due
-
             latest = trainer.checkpointer.latest()
             if latest is not None and not (trainer.run_dir / "samples" / f"{latest.path.name}.png").exists():
                 try:
@@ -140,13 +147,105 @@ class SampleGrid(Hook):
         trainer.collectives.barrier()
 
 
+class DropUniversalCopy(Hook):
+    """After a resize: once the new world size has a checkpoint of its own, rank 0 deletes the
+    world-size-independent copy it was resumed from (a preemption right after resuming may "save" the
+    resized-from checkpoint, which is already complete: the copy is kept for that one)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_save(self, trainer: Trainer, step: int) -> None:
+        if self.done or marker(trainer.checkpointer.manager.step_dir(step))["world_size"] != trainer.world:
+            return
+        if trainer.rank == 0:
+            remove_copies(trainer.run_dir, trainer.log)
+        trainer.collectives.barrier()
+        self.done = True
+
+
+def quality_file(trainer: Trainer, step: int) -> Path:
+    return trainer.run_dir / "samples" / f"{step_name(step)}.quality.json"
+
+
+class QualityHook(Hook):
+    """The digits quality metrics (``quality:``) as ``quality/accuracy``, ``quality/fd``,
+    ``quality/precision`` and ``quality/recall`` in MLflow whenever :class:`SampleGrid` draws a grid.
+
+    On rank 0, from the grid's checkpoint (its EMA weights), with the grid's sampler, the guidance
+    ``quality.cfg_scale`` and the run's seed, ``quality.count`` samples are scored by the digits judge
+    (:mod:`launch.generate.quality`); the others wait at the barrier. Sampling draws from per-sample
+    generators and the judge trains inside ``fork_rng``, so the training RNG is untouched. The figures
+    also go to ``RUN/samples/step-NNNNNNN.quality.json`` beside the grid (``dimsum demo`` prints them).
+    The judge is loaded (or trained, seconds) at the first grid and kept. A failed measurement is
+    logged and the run goes on, as for the grid; data the judge cannot score are refused at the start.
+    """
+
+    def __init__(self) -> None:
+        self.judge: Judge | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Refuse data the judge cannot score before the first step (every rank reads the same manifest)."""
+        manifest = trainer.data.manifest
+        source = (manifest.get("source") or {}).get("name")
+        if source != SOURCE_NAME or manifest.get("space") != "pixels":
+            raise ConfigError("quality.enabled", True, "the digits judge only scores runs on the digits "
+                              f"demo data ('dimsum prepare --demo digits'); {trainer.cfg.data.shards} holds "
+                              f"{source or 'unnamed'} {manifest.get('space')} data")
+        problem = not_digits(trainer.cfg.model)
+        if problem:
+            raise ConfigError("quality.enabled", True, problem)
+
+    def on_save(self, trainer: Trainer, step: int) -> None:
+        if step % trainer.cfg.grid.every == 0:
+            self.measure(trainer)
+
+    def on_fit_end(self, trainer: Trainer, stopped: bool) -> None:
+        if not stopped:
+            self.measure(trainer)
+
+    def measure(self, trainer: Trainer) -> None:
+        if trainer.rank == 0:
+            latest = trainer.checkpointer.latest()
+            if latest is not None and not quality_file(trainer, latest.step).exists():
+                try:
+                    with torch.random.fork_rng(devices=[]):
+                        self.record(trainer, latest.step, self.score(trainer, latest.step))
+                except Exception as err:  # as for the grid: a failed measurement must not end the run
+                    trainer.log(f"quality at step {latest.step} failed: {type(err).__name__}: {err}")
+        trainer.collectives.barrier()
+
+    def score(self, trainer: Trainer, step: int) -> dict[str, float]:
+        cfg = trainer.cfg
+        if self.judge is None:
+            self.judge = load_judge(cfg.quality.cache_dir, log=trainer.log)
+            trainer.log(f"digits judge: held-out accuracy {100 * self.judge.held_out_accuracy:.1f}% "
+                        f"({self.judge.origin})")
+        model, objective = ema_model(trainer.run_dir, step, cfg, trainer.device)
+        return sample_quality(model, objective, self.judge, count=cfg.quality.count, sampler=cfg.grid.sampler,
+                              cfg_scale=cfg.quality.cfg_scale, seed=cfg.seed)
+
+    def record(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        names = ("accuracy", "fd", "precision", "recall")
+        trainer.tracker.log_metrics({f"quality/{k}": metrics[k] for k in names if k in metrics}, step)
+        path = quality_file(trainer, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp")
+        tmp.write_text(json.dumps({"step": step, **metrics}) + "\n")
+        tmp.replace(path)
+        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in names if k in metrics)
+        sampler, scale = trainer.cfg.grid.sampler, trainer.cfg.quality.cfg_scale
+        trainer.log(f"quality at step {step}: {shown} ({int(metrics['count'])} samples, "
+                    f"{sampler.method} {sampler.steps} steps, cfg {scale})")
+
+
 def build_hooks(trainer: Trainer, faults: Faults) -> list[Hook]:
     """The hooks of a run, in calling order: the one place a new hook is registered."""
     hooks: list[Hook] = [FaultInjection(faults), ProgressLog(trainer), RunIdRecorder()]
     if trainer.cfg.grid.every:
         hooks.append(SampleGrid())
     if trainer.cfg.grid.every and trainer.cfg.quality.enabled:
-        from launch.train.quality_hook import QualityHook  # imports this module
-
         hooks.append(QualityHook())
+    if trainer.resize is not None:
+        hooks.append(DropUniversalCopy())
     return hooks

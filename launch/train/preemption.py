@@ -10,10 +10,12 @@ interrupt or corrupt the checkpoint being written.
 from __future__ import annotations
 
 import signal
-import sys
 from types import FrameType
 
+from launch.logs import notice_log
+
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "state saved, please requeue"; exit 0 means the run finished
+_notice = notice_log("preemption")
 
 
 class PreemptionFlag:
@@ -31,8 +33,7 @@ class PreemptionFlag:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if not self.received:
-            print(f"[preemption] {name} received: saving and exiting at the next step boundary",
-                  file=sys.stderr, flush=True)
+            _notice(f"{name} received: saving and exiting at the next step boundary")
         self.received.append(name)
 
     def install(self) -> PreemptionFlag:

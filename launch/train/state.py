@@ -66,9 +66,12 @@ class TrainState:
             setattr(self, field.name, state[field.name])
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    """Distinct streams per rank (noise, times, label dropout must differ between ranks)."""
+def seed_everything(seed: int, rank: int, resized_at: int | None = None) -> None:
+    """Distinct streams per rank (noise, times, label dropout must differ between ranks). A job resized at
+    step ``resized_at`` has no saved generator for its new rank layout and reseeds from (seed, rank, step)."""
     stream = seed * 1_000_003 + rank
+    if resized_at is not None:
+        stream = int(np.random.SeedSequence([seed, rank, resized_at]).generate_state(1, np.uint64)[0] >> 1)
     random.seed(stream)
     np.random.seed(stream % 2**32)
     torch.manual_seed(stream)

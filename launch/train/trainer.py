@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import sys
 import time
 import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from data_pipeline.training_data import TrainingData, build_training_data
 from dimsum.config import ConfigError
@@ -25,7 +25,9 @@ from dimsum.devices import rank_device, resolve_device
 from dimsum.ema import EMA
 from dimsum.models import build_model, count_parameters, forward_gmacs
 from launch.config import ExperimentConfig, dump_config
-from launch.train.checkpoint import Checkpoint, CheckpointManager, mark_ours
+from launch.logs import notice_log, progress_log
+from launch.train import reshard
+from launch.train.checkpoint import Checkpoint, CheckpointManager, mark_ours, marker
 from launch.train.checkpointer import Checkpointer, resume_point
 from launch.train.collectives import Collectives
 from launch.train.deepspeed_engine import (
@@ -47,10 +49,6 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses; the run stops without touching its checkpoints."""
-
-
-def say(*parts: Any) -> None:
-    print(time.strftime("[%H:%M:%S]"), *parts, flush=True)
 
 
 def check_data_matches_model(cfg: ExperimentConfig, data: TrainingData) -> None:
@@ -94,37 +92,53 @@ class Trainer:
         self.preempt = PreemptionFlag().install()  # early: SLURM may signal while we start up
         self.device = resolve_device(t.device, "train.device")
         self.precision = select_precision(t.precision, self.device)
-        self.micro, self.accum = batch_layout(t, resolve_env().world_size)  # fails before any work
+        batch_layout(t, resolve_env().world_size)  # an impossible batch layout fails before any work
         self.env = init_distributed(self.device)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.collectives = Collectives(rank_device(self.device, self.env.local_rank))  # before any vote
-        self.log = say if self.rank == 0 else (lambda *_: None)
+        self.log = progress_log(self.rank)
         self.run_dir = cfg.run_dir
+        faults = Faults.from_env(self.rank)
         manager = CheckpointManager(self.run_dir, rank=self.rank, world_size=self.world,
                                     barrier=self.collectives.barrier, all_true=self.collectives.all_true,
                                     keep_last=t.keep_last, milestone_every=t.milestone_every,
-                                    log=lambda m: print(f"[checkpoint] {m}", file=sys.stderr, flush=True))
-        start, self.fallback = resume_point(manager, cfg, self.collectives, self.log)
-
-        self.data = build_training_data(cfg.data, batch_size=self.micro, seed=cfg.seed, rank=self.rank,
-                                        world_size=self.world)
+                                    log=notice_log("checkpoint"),
+                                    facts=lambda: {"micro_batch": self.micro, "accumulation": self.accum,
+                                                   "data_streams": self.streams})
+        start, self.fallback, self.resize = resume_point(manager, cfg, self.collectives, self.log,
+                                                         faults.reshard_hook)
+        saved = marker(start.path) if start is not None else {}
+        self.micro, self.accum = batch_layout(t, self.world, keep_micro=saved.get("micro_batch", 0))
+        # the data order is the job's: kept from its first start whatever the world size now is
+        self.streams = (cfg.data.streams or saved.get("data_streams")
+                        or cfg.data.job_streams(saved.get("world_size", self.world)))
+        if self.streams > t.global_batch:  # explicit values are refused when the config is loaded
+            raise ConfigError("data.streams", cfg.data.streams, f"0 means one stream per worker per rank: "
+                              f"{self.streams}, more than train.global_batch={t.global_batch}; set it to at "
+                              "most that")
+        self.data = build_training_data(dataclasses.replace(cfg.data, streams=self.streams),
+                                        batch_size=self.micro, global_batch=t.global_batch, seed=cfg.seed,
+                                        rank=self.rank, world_size=self.world)
         check_data_matches_model(cfg, self.data)
         self.objective = cfg.objective.build()
         self.out_channels = self.objective.out_channels(cfg.model.in_channels)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.engine = initialize(build_model(cfg.model, self.out_channels), cfg, self.world)
+        self.engine = initialize(build_model(cfg.model, self.out_channels), cfg, self.world,
+                                 layout=(self.micro, self.accum), universal=self.resize is not None)
         self.autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         self.fragments = master_fragments(self.engine)
         self.ema = EMA({n: f for n, (_, f) in self.fragments.items()}, t.ema_decay)
         self.state, self.nonfinite_in_a_row = TrainState(), 0
-        faults = Faults.from_env(self.rank)
         self.checkpointer = Checkpointer(manager, self.checkpoint_states(), every=t.ckpt_every,
                                          last_step=t.max_steps, before_write=faults.save_hook, log=self.log)
         if start is None:
             seed_everything(cfg.seed, self.rank)
+        elif self.resize is not None:
+            reshard.restore(self.checkpoint_states(), self.resize, accumulation=self.accum, seed=cfg.seed,
+                            rank=self.rank, log=self.log)
         else:
             self.checkpointer.load(start)  # the RNG last
-            self.fragments = master_fragments(self.engine)  # DeepSpeed re-links its views after a load
+        self.fragments = master_fragments(self.engine)  # DeepSpeed re-links its views after a load
         self.batches = self.data.batches(self.state.data_position)
         self.state.attempt += 1
         run_id = (self.state.mlflow_run_id or saved_run_id(self.run_dir)) if start is not None else None
@@ -150,7 +164,16 @@ class Trainer:
         tags = attempt_tags(self.state, self.world)
         if self.fallback:
             tags["checkpoint_fallback"] = f"attempt {self.state.attempt}: " + "; ".join(self.fallback)
+        if self.resize is not None:
+            tags["resized"] = tags[f"resize.{self.state.attempt}"] = self.resize_line()
         return tags
+
+    def resize_line(self) -> str:
+        r, batch = self.resize, self.cfg.train.global_batch
+        return (f"{r.source.path.name}: {r.world_size} -> {self.world} ranks, global batch {batch} = "
+                f"{batch // (r.world_size * r.accumulation)} x {r.world_size} x {r.accumulation} -> "
+                f"{self.micro} x {self.world} x {self.accum}; data from global batch "
+                f"{self.state.data_position // self.accum}")
 
     def record_run(self) -> None:
         """Mark the run directory as dimsum's and keep the resolved config beside the checkpoints (the next
@@ -173,6 +196,8 @@ class Trainer:
                  f"clip {t.grad_clip}; objective {cfg.objective.kind} {cfg.objective.options()}; "
                  f"EMA {t.ema_decay}")
         where = f"resumed from {start.path.name}" if start else "fresh start"
+        if self.resize is not None:
+            self.log(f"==> resized: {self.resize_line()}")
         self.log(f"==> checkpoints every {t.ckpt_every} steps, keep {t.keep_last}; {where} "
                  f"(attempt {self.state.attempt})")
         if cfg.tracking.enabled:
@@ -263,8 +288,6 @@ class Trainer:
         self.batches.close()  # stops the loader's workers now: at interpreter exit nothing would
         self.tracker.close()
         self.preempt.uninstall()
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 

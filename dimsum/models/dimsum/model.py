@@ -14,8 +14,8 @@ from torch import nn
 
 from dimsum.models.dimsum.blocks import DiMBlock
 from dimsum.models.dimsum.config import DiMSUMConfig
+from dimsum.models.patch_net import PatchNet
 from dimsum.nn.layers import FinalLayer, TransformerBlock
-from dimsum.nn.patch_net import PatchNet
 from dimsum.ssm.mamba import Mamba
 
 

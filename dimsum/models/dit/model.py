@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from dimsum.models.config import ModelConfig
+from dimsum.models.patch_net import PatchNet
 from dimsum.nn.layers import FinalLayer, TransformerBlock
-from dimsum.nn.patch_net import PatchNet
 
 
 class DiT(PatchNet):

@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export HF_HUB_OFFLINE := 1
 
-# The Python sources of the pinned kernel packages (the cuda extra), for tests/test_kernel_contract.py: no
-# CUDA build, and no prebuilt-wheel download (their setup.py tries one unless FORCE_BUILD is set).
+# The Python sources of the pinned kernel packages (the cuda extra), for
+# tests/unit/dimsum/ssm/test_kernel_contract.py: no CUDA build, and no prebuilt-wheel download (their setup.py
+# tries one unless FORCE_BUILD is set).
 UPSTREAM_KERNEL_SOURCES := MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
 	CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from data_pipeline.demo import build_digits_shards
+from launch.generate.judge import load_judge
 
 INTEGRATION = Path(__file__).resolve().parent / "integration"
 
@@ -48,13 +49,10 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-
 @pytest.fixture(scope="session")
 def judge_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder holding the trained digits judge (launch.generate.judge; seconds to train), shared
     read-only by the quality tests and the quality gate; tests that damage it copy it first."""
-    from launch.generate.judge import load_judge
-
     folder = tmp_path_factory.mktemp("judge")
     assert load_judge(folder, log=print).origin == "trained"
     return folder

@@ -1,10 +1,11 @@
 """The small reductions and votes of the training loop, on the device the process group can reduce.
 
 The rule: every tensor handed to ``torch.distributed`` lives on the engine's device, and this module is the
-only place in ``launch/`` that builds one (``tests/test_collectives.py`` checks both). DeepSpeed starts the
-group with NCCL on GPU, and an NCCL-only group has no CPU backend: a CPU tensor there fails with "No backend
-type associated with device type cpu". A collective tensor built anywhere else would bring that crash back,
-so callers ask a :class:`Collectives` for the reduction instead of calling ``dist.all_reduce`` themselves.
+only place in ``launch/`` that builds one (``tests/unit/launch/train/test_collectives.py`` checks both).
+DeepSpeed starts the group with NCCL on GPU, and an NCCL-only group has no CPU backend: a CPU tensor there
+fails with "No backend type associated with device type cpu". A collective tensor built anywhere else would
+bring that crash back, so callers ask a :class:`Collectives` for the reduction instead of calling
+``dist.all_reduce`` themselves.
 
 There is no world-size-1 shortcut: a single-GPU run reduces through its one-rank NCCL group, so the device
 rule is exercised by every run that has a group, not only by multi-GPU ones. Without a group (plain unit

@@ -6,7 +6,8 @@ ends with ``trainer.collectives.barrier()``, and one that draws random numbers d
 read the trainer (cfg, rank, world, device, run_dir, state, report, tracker, checkpointer, collectives,
 data, log) but changes nothing the step depends on.
 
-To add one: subclass :class:`Hook`, override the events it needs, and add it in :func:`build_hooks`.
+To add one: subclass :class:`Hook` (or :class:`AtEachGrid`, for work on each grid's checkpoint), override
+the events it needs, and add it in :func:`build_hooks`.
 """
 
 from __future__ import annotations
@@ -114,37 +115,111 @@ class RunIdRecorder(Hook):
         trainer.state.mlflow_run_id = trainer.tracker.run_id if trainer.rank == 0 else None
 
 
-class SampleGrid(Hook):
-    """An EMA sample grid from the newest checkpoint every ``grid.every`` steps and at the end, made on
-    rank 0 while the others wait at the barrier. A failed grid is logged: it must not end a multi-day run.
+class AtEachGrid(Hook):
+    """Work on the newest checkpoint every ``grid.every`` steps and at the end, done on rank 0 while the
+    others wait at the barrier, inside ``fork_rng`` (the training RNG must not move), and skipped when its
+    output for that step already exists (a resumed run). A failure is logged: it must not end a multi-day
+    run. Subclasses name the output (:meth:`output`), what the work is (``what``) and do it (:meth:`make`)."""
+
+    what = "work"
+
+    def output(self, trainer: Trainer, step: int) -> Path:
+        raise NotImplementedError
+
+    def make(self, trainer: Trainer, step: int) -> None:
+        raise NotImplementedError
+
+    def on_save(self, trainer: Trainer, step: int) -> None:
+        if step % trainer.cfg.grid.every == 0:
+            self.run(trainer)
+
+    def on_fit_end(self, trainer: Trainer, stopped: bool) -> None:
+        if not stopped:
+            self.run(trainer)
+
+    def run(self, trainer: Trainer) -> None:
+        if trainer.rank == 0:
+            latest = trainer.checkpointer.latest()
+            if latest is not None and not self.output(trainer, latest.step).exists():
+                try:
+                    with torch.random.fork_rng(devices=[]):
+                        self.make(trainer, latest.step)
+                except Exception as err:
+                    trainer.log(f"{self.what} at step {latest.step} failed: {type(err).__name__}: {err}")
+        trainer.collectives.barrier()
+
+
+class SampleGrid(AtEachGrid):
+    """An EMA sample grid, ``RUN/samples/step-NNNNNNN.png``, also an MLflow artifact.
 
     Cost: rank 0 reads back the checkpoint just written, DeepSpeed's fp32 shards and every rank's EMA
     shard (the path ``dimsum export`` takes, so each grid also proves the checkpoint loads), then samples
     ``grid.count`` images; at XL/2 that is several GB read per grid, so ``grid.every`` should be thousands.
     """
 
-    def on_save(self, trainer: Trainer, step: int) -> None:
-        if step % trainer.cfg.grid.every == 0:
-            self.write(trainer)
+    what = "sample grid"
 
-    def on_fit_end(self, trainer: Trainer, stopped: bool) -> None:
-        if not stopped:
-            self.write(trainer)
+    def output(self, trainer: Trainer, step: int) -> Path:
+        return trainer.run_dir / "samples" / f"{step_name(step)}.png"
 
-    def write(self, trainer: Trainer) -> None:
-        if trainer.rank == 0:
-            latest = trainer.checkpointer.latest()
-            if latest is not None and not (trainer.run_dir / "samples" / f"{latest.path.name}.png").exists():
-                try:
-                    with torch.random.fork_rng(devices=[]):
-                        path = write_grid(trainer.run_dir, latest.step, trainer.cfg, trainer.data.manifest,
-                                          device=trainer.device, log=trainer.log)
-                except Exception as err:
-                    trainer.log(f"sample grid at step {latest.step} failed: {type(err).__name__}: {err}")
-                    path = None
-                if path is not None:
-                    trainer.tracker.log_artifact(path, "samples")
-        trainer.collectives.barrier()
+    def make(self, trainer: Trainer, step: int) -> None:
+        path = write_grid(trainer.run_dir, step, trainer.cfg, trainer.data.manifest, device=trainer.device,
+                          log=trainer.log)
+        if path is not None:
+            trainer.tracker.log_artifact(path, "samples")
+
+
+class QualityHook(AtEachGrid):
+    """The digits quality metrics (``quality:``) as ``quality/accuracy``, ``quality/fd``,
+    ``quality/precision`` and ``quality/recall`` in MLflow at every grid, and in
+    ``RUN/samples/step-NNNNNNN.quality.json`` beside it (``dimsum demo`` prints them).
+
+    ``quality.count`` samples of the grid's checkpoint (its EMA weights), drawn with the grid's sampler,
+    the guidance ``quality.cfg_scale`` and the run's seed, are scored by the digits judge
+    (:mod:`launch.generate.quality`). Sampling draws from per-sample generators and the judge trains inside
+    ``fork_rng``, so the training RNG is untouched. The judge is loaded (or trained, seconds) at the first
+    grid and kept. Data the judge cannot score are refused at the start, not at the first grid.
+    """
+
+    what = "quality"
+    names = ("accuracy", "fd", "precision", "recall")
+
+    def __init__(self) -> None:
+        self.judge: Judge | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Refuse data the judge cannot score before the first step (every rank reads the same manifest)."""
+        manifest = trainer.data.manifest
+        source = (manifest.get("source") or {}).get("name")
+        if source != SOURCE_NAME or manifest.get("space") != "pixels":
+            raise ConfigError("quality.enabled", True, "the digits judge only scores runs on the digits "
+                              f"demo data ('dimsum prepare --demo digits'); {trainer.cfg.data.shards} holds "
+                              f"{source or 'unnamed'} {manifest.get('space')} data")
+        problem = not_digits(trainer.cfg.model)
+        if problem:
+            raise ConfigError("quality.enabled", True, problem)
+
+    def output(self, trainer: Trainer, step: int) -> Path:
+        return trainer.run_dir / "samples" / f"{step_name(step)}.quality.json"
+
+    def make(self, trainer: Trainer, step: int) -> None:
+        cfg = trainer.cfg
+        if self.judge is None:
+            self.judge = load_judge(cfg.quality.cache_dir, log=trainer.log)
+            trainer.log(f"digits judge: held-out accuracy {100 * self.judge.held_out_accuracy:.1f}% "
+                        f"({self.judge.origin})")
+        model, objective = ema_model(trainer.run_dir, step, cfg, trainer.device)
+        metrics = sample_quality(model, objective, self.judge, count=cfg.quality.count,
+                                 sampler=cfg.grid.sampler, cfg_scale=cfg.quality.cfg_scale, seed=cfg.seed)
+        trainer.tracker.log_metrics({f"quality/{k}": metrics[k] for k in self.names if k in metrics}, step)
+        path = self.output(trainer, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp")
+        tmp.write_text(json.dumps({"step": step, **metrics}) + "\n")
+        tmp.replace(path)
+        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in self.names if k in metrics)
+        trainer.log(f"quality at step {step}: {shown} ({int(metrics['count'])} samples, "
+                    f"{cfg.grid.sampler.method} {cfg.grid.sampler.steps} steps, cfg {cfg.quality.cfg_scale})")
 
 
 class DropUniversalCopy(Hook):
@@ -162,81 +237,6 @@ class DropUniversalCopy(Hook):
             remove_copies(trainer.run_dir, trainer.log)
         trainer.collectives.barrier()
         self.done = True
-
-
-def quality_file(trainer: Trainer, step: int) -> Path:
-    return trainer.run_dir / "samples" / f"{step_name(step)}.quality.json"
-
-
-class QualityHook(Hook):
-    """The digits quality metrics (``quality:``) as ``quality/accuracy``, ``quality/fd``,
-    ``quality/precision`` and ``quality/recall`` in MLflow whenever :class:`SampleGrid` draws a grid.
-
-    On rank 0, from the grid's checkpoint (its EMA weights), with the grid's sampler, the guidance
-    ``quality.cfg_scale`` and the run's seed, ``quality.count`` samples are scored by the digits judge
-    (:mod:`launch.generate.quality`); the others wait at the barrier. Sampling draws from per-sample
-    generators and the judge trains inside ``fork_rng``, so the training RNG is untouched. The figures
-    also go to ``RUN/samples/step-NNNNNNN.quality.json`` beside the grid (``dimsum demo`` prints them).
-    The judge is loaded (or trained, seconds) at the first grid and kept. A failed measurement is
-    logged and the run goes on, as for the grid; data the judge cannot score are refused at the start.
-    """
-
-    def __init__(self) -> None:
-        self.judge: Judge | None = None
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        """Refuse data the judge cannot score before the first step (every rank reads the same manifest)."""
-        manifest = trainer.data.manifest
-        source = (manifest.get("source") or {}).get("name")
-        if source != SOURCE_NAME or manifest.get("space") != "pixels":
-            raise ConfigError("quality.enabled", True, "the digits judge only scores runs on the digits "
-                              f"demo data ('dimsum prepare --demo digits'); {trainer.cfg.data.shards} holds "
-                              f"{source or 'unnamed'} {manifest.get('space')} data")
-        problem = not_digits(trainer.cfg.model)
-        if problem:
-            raise ConfigError("quality.enabled", True, problem)
-
-    def on_save(self, trainer: Trainer, step: int) -> None:
-        if step % trainer.cfg.grid.every == 0:
-            self.measure(trainer)
-
-    def on_fit_end(self, trainer: Trainer, stopped: bool) -> None:
-        if not stopped:
-            self.measure(trainer)
-
-    def measure(self, trainer: Trainer) -> None:
-        if trainer.rank == 0:
-            latest = trainer.checkpointer.latest()
-            if latest is not None and not quality_file(trainer, latest.step).exists():
-                try:
-                    with torch.random.fork_rng(devices=[]):
-                        self.record(trainer, latest.step, self.score(trainer, latest.step))
-                except Exception as err:  # as for the grid: a failed measurement must not end the run
-                    trainer.log(f"quality at step {latest.step} failed: {type(err).__name__}: {err}")
-        trainer.collectives.barrier()
-
-    def score(self, trainer: Trainer, step: int) -> dict[str, float]:
-        cfg = trainer.cfg
-        if self.judge is None:
-            self.judge = load_judge(cfg.quality.cache_dir, log=trainer.log)
-            trainer.log(f"digits judge: held-out accuracy {100 * self.judge.held_out_accuracy:.1f}% "
-                        f"({self.judge.origin})")
-        model, objective = ema_model(trainer.run_dir, step, cfg, trainer.device)
-        return sample_quality(model, objective, self.judge, count=cfg.quality.count, sampler=cfg.grid.sampler,
-                              cfg_scale=cfg.quality.cfg_scale, seed=cfg.seed)
-
-    def record(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        names = ("accuracy", "fd", "precision", "recall")
-        trainer.tracker.log_metrics({f"quality/{k}": metrics[k] for k in names if k in metrics}, step)
-        path = quality_file(trainer, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp")
-        tmp.write_text(json.dumps({"step": step, **metrics}) + "\n")
-        tmp.replace(path)
-        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in names if k in metrics)
-        sampler, scale = trainer.cfg.grid.sampler, trainer.cfg.quality.cfg_scale
-        trainer.log(f"quality at step {step}: {shown} ({int(metrics['count'])} samples, "
-                    f"{sampler.method} {sampler.steps} steps, cfg {scale})")
 
 
 def build_hooks(trainer: Trainer, faults: Faults) -> list[Hook]:

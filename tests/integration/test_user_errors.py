@@ -257,6 +257,18 @@ def test_one_line_error(case: Case, tmp_path: Path, digits_shards: Path, fixture
     check(dimsum(args), case, command)
 
 
+
+@pytest.mark.slow
+def test_training_with_quality_on_other_data_is_refused_before_the_first_step(tmp_path: Path,
+                                                                               digits_shards: Path) -> None:
+    world = World(tmp_path, digits_shards, {})
+    shards = world.manifest(lambda m: m["source"].update(name="imagefolder"))
+    message = ("config error: quality.enabled: got True; the digits judge only scores runs on the digits "
+               f"demo data ('dimsum prepare --demo digits'); {shards} holds imagefolder pixels data")
+    refused = Case("quality-on-other-data", list, 2, message)
+    check(dimsum(world.train(shards, "grid.every=2", "quality.enabled=true")), refused, "train")
+    assert not list((tmp_path / "runs").glob("*/step-*"))
+
 @pytest.mark.multiprocess
 def test_global_batch_that_does_not_divide_by_the_ranks_under_torchrun(tmp_path: Path,
                                                                        digits_shards: Path) -> None:

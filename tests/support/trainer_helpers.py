@@ -40,10 +40,10 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun(args: list[str], faults: str = "", timeout: float = 300,
-             nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], faults: str = "", timeout: float = 300, nproc: int = 2,
+             config: Path = CONFIG) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "launch.cli", "train", str(CONFIG), *args]
+           "-m", "launch.cli", "train", str(config), *args]
     return subprocess.run(cmd, env=base_env(DIMSUM_FAULTS=faults), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, check=False)
 

@@ -2,7 +2,7 @@
 broken samples, and ``dimsum eval digits`` on exported weights.
 
 The judge is trained once per session (seconds) into a temporary cache (conftest.py ``judge_cache``); the
-CI quality gate (test_quality_gate.py) trains a model and scores it with the same judge.
+CI quality gate (tests/integration/test_quality_gate.py) trains a model and scores it with the same judge.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from launch.cli import main
 from launch.generate.judge import MIN_ACCURACY, Judge, _read_cache, held_out_split, load_judge
 from launch.generate.quality import digits_metrics
 from launch.generate.weights import CONFIG_METADATA_KEY
-from tests.support.shard_helpers import edit_manifest
-from tests.support.trainer_helpers import CONFIG, dimsum, overrides
 
 
 @pytest.fixture(scope="module")
@@ -148,17 +146,3 @@ def test_eval_digits_scores_exported_weights_and_refuses_other_models(judge_cach
         assert main(["eval", "digits", *extra, "--cache-dir", str(judge_cache)]) == 1
         err = capsys.readouterr().err
         assert err.startswith("dimsum eval digits: ") and message in err and len(err.splitlines()) == 1, err
-
-
-def test_training_with_quality_on_other_data_is_refused_before_the_first_step(digits_shards: Path,
-                                                                               tmp_path: Path) -> None:
-    shards = tmp_path / "shards"
-    shutil.copytree(digits_shards, shards)
-    edit_manifest(shards, lambda m: m["source"].update(name="imagefolder"))
-    proc = dimsum("train", str(CONFIG), *overrides(tmp_path, shards, "other"), "grid.every=2",
-                  "quality.enabled=true")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    line = ("dimsum train: config error: quality.enabled: got True; the digits judge only scores runs on the "
-            f"digits demo data ('dimsum prepare --demo digits'); {shards} holds imagefolder pixels data")
-    assert line in proc.stderr.splitlines() and "Traceback" not in proc.stderr
-    assert not list((tmp_path / "other").glob("step-*"))

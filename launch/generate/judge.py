@@ -183,6 +183,20 @@ def _read_cache(path: Path, expected: str) -> dict[str, Any] | str:
     return payload
 
 
+def _write_cache(path: Path, payload: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Cache the judge atomically (concurrent runs each write a whole file, the last one stays). The cache
+    only saves seconds: a full or read-only disk is reported and the judge is used uncached."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = " ".join(str(err).split())[:160]
+        log(f"digits judge: cannot cache it as {path} ({reason}); using it uncached")
+
+
 def load_judge(cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> Judge:
     """The judge from ``cache_dir`` (default :func:`default_cache_dir`), trained and cached when the
     cache has no valid entry for the current data and code."""
@@ -197,10 +211,7 @@ def load_judge(cache_dir: str | Path | None = None, log: Callable[[str], None] =
         network, accuracy = train_judge(images, labels)
         payload = {"fingerprint": key, "held_out_accuracy": accuracy, "state_dict": network.state_dict()}
         payload["digest"] = _tensor_digest(payload)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)  # atomic: concurrent runs each write a whole file, the last one stays
+        _write_cache(path, payload, log)
         origin = "trained"
     network = DigitsJudge()
     network.load_state_dict(payload["state_dict"])

@@ -77,19 +77,6 @@ def test_failed_final_save_exits_with_workers_on(tmp_path: Path, digits_shards: 
     assert code != 0 and complete_steps(tmp_path / "full") == [2]
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Path:
-    """A real 40 MiB tmpfs (mounting needs root, as in CI)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_real_full_disk_mid_save_keeps_training_then_exits_and_recovers(small_disk: Path,
                                                                         digits_shards: Path) -> None:
     """torch.save reports a full tmpfs as a RuntimeError from its zip writer, not as OSError."""

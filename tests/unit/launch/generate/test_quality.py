@@ -90,6 +90,33 @@ def test_a_damaged_or_planted_cache_file_is_never_used(judge_cache: Path, judge:
     assert isinstance(_read_cache(damaged, key), dict)
 
 
+def fill(disk: Path) -> None:
+    """Write zeros into ``disk`` until the filesystem refuses: a really full disk."""
+    with open(disk / "filler", "wb") as out:
+        try:
+            while True:
+                out.write(bytes(1 << 20))
+                out.flush()
+        except OSError:
+            pass
+
+
+def test_on_a_full_disk_the_judge_is_used_uncached_and_no_partial_file_is_left(small_disk: Path,
+                                                                                judge: Judge) -> None:
+    fill(small_disk)
+    messages: list[str] = []
+    uncached = load_judge(small_disk / "judge", log=messages.append)
+    assert uncached.origin == "trained" and uncached.held_out_accuracy == judge.held_out_accuracy
+    assert all(torch.equal(a, b) for a, b in zip(uncached.network.state_dict().values(),
+                                                 judge.network.state_dict().values(), strict=True))
+    (line,) = messages
+    assert line.startswith(f"digits judge: cannot cache it as {small_disk / 'judge'}") and "uncached" in line
+    assert not [p for p in small_disk.rglob("*") if p.is_file() and p.name != "filler"]
+
+    (small_disk / "filler").unlink()  # space again: the next load caches it
+    assert load_judge(small_disk / "judge", log=messages.append).origin == "trained"
+    assert load_judge(small_disk / "judge", log=messages.append).origin.startswith("cache ")
+
 def test_real_digits_score_well_and_broken_samples_do_not(judge: Judge) -> None:
     images, labels = held_out()
     real = digits_metrics(images, labels, judge)

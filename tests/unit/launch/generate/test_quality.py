@@ -117,6 +117,7 @@ def test_on_a_full_disk_the_judge_is_used_uncached_and_no_partial_file_is_left(s
     assert load_judge(small_disk / "judge", log=messages.append).origin == "trained"
     assert load_judge(small_disk / "judge", log=messages.append).origin.startswith("cache ")
 
+
 def test_real_digits_score_well_and_broken_samples_do_not(judge: Judge) -> None:
     images, labels = held_out()
     real = digits_metrics(images, labels, judge)

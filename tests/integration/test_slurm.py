@@ -210,12 +210,12 @@ def test_sbatch_recipe_trains_to_a_complete_checkpoint_and_an_mlflow_run(referen
     assert loss_steps(run, found.info.run_id) == list(range(1, STEPS + 1))
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
-        slurm_cluster: LocalCluster, digits_shards: Path, reference: RecipeRun, tmp_path: Path) -> None:
+def preempted_at_step_4(slurm_cluster: LocalCluster, tmp_path: Path, shards: Path, name: str) -> RecipeRun:
+    """The recipe's job, preempted near its time limit while both ranks wait at step 4 (a paused fault):
+    what ``--signal=B:USR2@120`` does, the batch shell alone signalled (it forwards). Returns once every
+    rank got the signal and the pause is released, so the job saves at step 4 and is requeued."""
     release = tmp_path / "release"
-    run = sbatch_recipe(slurm_cluster, tmp_path, digits_shards, "preempted", DIMSUM_FAULTS=PAUSE,
+    run = sbatch_recipe(slurm_cluster, tmp_path, shards, name, DIMSUM_FAULTS=PAUSE,
                         DIMSUM_FAULTS_RELEASE=str(release))
     try:
         # Step 3's log line is a collective: both ranks are past step 3 and will wait at step 4.
@@ -223,10 +223,17 @@ def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
     except TimeoutError:
         pytest.fail(logs_of(run.logs, run.job))
     assert complete_steps(run.run_dir) == [2]
-    # What --signal=B:USR2@120 does near the time limit: signal the batch shell only; it forwards.
     slurm_cluster.run("scancel", "--batch", "--signal=USR2", run.job)
     wait_for_file_lines(run.task_log(0), r"\[preemption\] SIGUSR2 received", 2)
     release.touch()
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
+        slurm_cluster: LocalCluster, digits_shards: Path, reference: RecipeRun, tmp_path: Path) -> None:
+    run = preempted_at_step_4(slurm_cluster, tmp_path, digits_shards, "preempted")
     finished(slurm_cluster, run)
 
     first, second = run.task_log(0).read_text(), run.task_log(1).read_text()
@@ -256,16 +263,7 @@ def test_sbatch_recipe_preempted_saves_requeues_and_resumes_bit_exact(
 @pytest.mark.multiprocess
 def test_sbatch_job_preempted_on_2_nodes_comes_back_on_1_and_resumes_through_the_resize(
         slurm_cluster: LocalCluster, digits_shards: Path, tmp_path: Path) -> None:
-    release = tmp_path / "release"
-    run = sbatch_recipe(slurm_cluster, tmp_path, digits_shards, "resized", DIMSUM_FAULTS=PAUSE,
-                        DIMSUM_FAULTS_RELEASE=str(release))
-    try:
-        wait_for_file_lines(run.task_log(0), r"step 3/", 1, timeout=300)
-    except TimeoutError:
-        pytest.fail(logs_of(run.logs, run.job))
-    slurm_cluster.run("scancel", "--batch", "--signal=USR2", run.job)
-    wait_for_file_lines(run.task_log(0), r"\[preemption\] SIGUSR2 received", 2)
-    release.touch()
+    run = preempted_at_step_4(slurm_cluster, tmp_path, digits_shards, "resized")
     # Saved at step 4, exit 75, requeued by the batch script. While it waits to run again the job is given
     # one node, as a scheduler or an admin does to a requeued job when a node is drained.
     slurm_cluster.wait_state(run.job, {"PENDING"}, timeout=300)

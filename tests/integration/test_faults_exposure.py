@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.config import load_config
 from tests.support.slurm_helpers import listening_addresses
 from tests.support.trainer_helpers import CONFIG, REPO, base_env, overrides
 
@@ -33,17 +34,20 @@ def trainer_pids(pid: int) -> list[int]:
     return pids
 
 
-def listeners_while_paused(cmd: list[str], run_dir: Path, ranks: int) -> tuple[list[str], str]:
+def listeners_while_paused(cmd: list[str], run_dir: Path, ranks: int,
+                           cwd: Path = REPO) -> tuple[list[str], str]:
     """The listening addresses of ``cmd``'s trainer ranks while they wait at step 2, and its output once
     released (it must then finish with 0)."""
     release, log = run_dir.parent / "release", run_dir.parent / "output.log"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = base_env(DIMSUM_FAULTS="pause@2", DIMSUM_FAULTS_RELEASE=str(release))
     with open(log, "wb") as output:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while True:  # paused once every rank's store and gloo sockets are up and step 1 has run
-            assert proc.poll() is None and time.monotonic() < deadline, "training ended or never paused"
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                f"training ended or never paused:\n{log.read_text()[-3000:]}"
             pids = trainer_pids(proc.pid)
             found = listening_addresses(pids) if len(pids) >= ranks else []
             if found and (run_dir / "config.yaml").is_file():
@@ -68,16 +72,18 @@ def test_single_rank_train_listens_on_loopback_only(tmp_path: Path, digits_shard
 
 
 def test_demo_end_to_end_with_ranks_that_listen_on_loopback_only(tmp_path: Path) -> None:
-    """``dimsum demo`` (the README's main job) with a 2-step budget: prepares the digits, trains on two
-    ranks that listen on loopback only, samples, exports, explains. (It was a smoke test and an exposure
-    test, each with its own demo run; one run checks both.)"""
-    args = [f"output_root={tmp_path}", f"data.shards={tmp_path / 'shards'}", "data.num_workers=0",
-            "train.global_batch=8", "train.max_steps=2", "train.ckpt_every=2", "grid.every=2",
-            "grid.count=4", "grid.sampler.steps=2", "quality.count=8"]
-    run = tmp_path / "demo_cpu"
-    found, out = listeners_while_paused([sys.executable, "-m", "launch.cli", "demo", *args], run, ranks=2)
+    """``dimsum demo`` (the README's main job) with a 2-step budget, in a fresh folder with the config's
+    own output and data locations: prepares the digits, trains on two ranks that listen on loopback only,
+    samples, exports, explains. (It was a smoke test and an exposure test, each with its own demo run; one
+    run checks both.)"""
+    args = ["data.num_workers=0", "train.global_batch=8", "train.max_steps=2", "train.ckpt_every=2",
+            "grid.every=2", "grid.count=4", "grid.sampler.steps=2", "quality.count=8"]
+    cfg = load_config(CONFIG)
+    run = tmp_path / cfg.run_dir
+    found, out = listeners_while_paused([sys.executable, "-m", "launch.cli", "demo", *args], run, ranks=2,
+                                        cwd=tmp_path)
     assert found and all(address.startswith(LOOPBACK) for address in found), found
-    assert (tmp_path / "shards" / "manifest.json").is_file()
+    assert (tmp_path / cfg.data.shards / "manifest.json").is_file()
     assert (run / "samples" / "step-0000002.png").is_file()
     assert (run / "export" / "step-0000002-ema.safetensors").is_file()
     assert f"mlflow ui --backend-store-uri sqlite:///{run.resolve() / 'mlflow.db'}" in out

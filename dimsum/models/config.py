@@ -16,6 +16,7 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from dimsum.config import Config, ConfigError
@@ -75,6 +76,13 @@ class ModelConfig(Config):
     @property
     def grid_size(self) -> int:
         return self.input_size // self.patch_size
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Name the shape a network of this config takes (else the error comes from deep inside it)."""
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{self.name}: expected x of shape (B, {', '.join(map(str, expected))}), "
+                             f"got {tuple(x.shape)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,10 +55,7 @@ class PatchNet(nn.Module):
     def embed(self, x: torch.Tensor, t: torch.Tensor,
               y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens (B, T, D) with positions added, and the conditioning vector c = t_emb + y_emb (B, D)."""
-        expected = (self.cfg.in_channels, self.cfg.input_size, self.cfg.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{self.cfg.name}: expected x of shape (B, {', '.join(map(str, expected))}), "
-                             f"got {tuple(x.shape)}")
+        self.cfg.check_input(x)
         tokens = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, x.shape[0], x.device)
         return tokens, c

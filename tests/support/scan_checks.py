@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from dimsum.ssm.scan import selective_scan
+
 GRAD_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
 
 
@@ -25,3 +27,14 @@ def assert_same(result, reference, atol: float, rtol: float = 0.0) -> None:
         assert grads[name] is not None, name
         torch.testing.assert_close(grads[name].to(y_ref.dtype), grads_ref[name], atol=atol, rtol=rtol,
                                    msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+def gradcheck_torch_backend(inputs: dict[str, torch.Tensor]) -> bool:
+    """torch.autograd.gradcheck of the torch backend with respect to every input (float64 leaves)."""
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    names = list(leaves)
+
+    def fn(*tensors: torch.Tensor) -> torch.Tensor:
+        return selective_scan(**dict(zip(names, tensors, strict=True)), delta_softplus=True, backend="torch")
+
+    return torch.autograd.gradcheck(fn, tuple(leaves.values()))

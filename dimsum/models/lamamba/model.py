@@ -94,10 +94,7 @@ class LaMambaDiff(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        expected = (self.cfg.in_channels, self.cfg.input_size, self.cfg.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{self.cfg.name}: expected x of shape (B, {', '.join(map(str, expected))}), "
-                             f"got {tuple(x.shape)}")
+        self.cfg.check_input(x)
         h = self.patch_embed(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, x.shape[0], x.device)
         skips = []

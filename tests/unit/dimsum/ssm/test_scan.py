@@ -16,7 +16,7 @@ from dimsum.ssm.mamba import Mamba
 from dimsum.ssm.recurrence import initial_state_correction
 from dimsum.ssm.reference import sequential_scan
 from dimsum.ssm.scan import causal_conv1d, scan_with_zero_state_kernel, selective_scan
-from tests.support.scan_checks import assert_same, run
+from tests.support.scan_checks import assert_same, gradcheck_torch_backend, run
 
 
 def make_inputs(batch=2, dim=5, length=13, state=4, *, dtype=torch.float64,
@@ -73,13 +73,7 @@ def test_torch_backend_gradcheck(with_h0: bool) -> None:
     inputs = make_inputs(batch=1, dim=2, length=5, state=3)
     if not with_h0:
         del inputs["h0"]
-    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
-    names = list(leaves)
-
-    def fn(*tensors):
-        return selective_scan(**dict(zip(names, tensors, strict=True)), delta_softplus=True, backend="torch")
-
-    assert torch.autograd.gradcheck(fn, tuple(leaves.values()))
+    assert gradcheck_torch_backend(inputs)
 
 
 def test_optional_inputs_are_optional() -> None:

@@ -8,7 +8,7 @@ import torch
 
 from dimsum.ssm.reference import sequential_scan
 from dimsum.ssm.scan import selective_scan
-from tests.support.scan_checks import GRAD_INPUTS, assert_same, run
+from tests.support.scan_checks import GRAD_INPUTS, assert_same, gradcheck_torch_backend, run
 
 
 def make_grouped(batch=2, groups=4, per_group=3, length=13, *, state=1, seed=0) -> dict[str, torch.Tensor]:
@@ -59,13 +59,7 @@ def test_grouped_sequential_loop_matches_per_group_loop(state: int) -> None:
 @pytest.mark.parametrize("state", [1, 2])
 def test_grouped_torch_backend_gradcheck(state: int) -> None:
     inputs = make_grouped(batch=1, groups=2, per_group=2, length=5, state=state)
-    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
-    names = list(leaves)
-
-    def fn(*tensors):
-        return selective_scan(**dict(zip(names, tensors, strict=True)), delta_softplus=True, backend="torch")
-
-    assert torch.autograd.gradcheck(fn, tuple(leaves.values()))
+    assert gradcheck_torch_backend(inputs)
 
 
 def test_one_state_with_shared_b_c_and_initial_state_is_exact() -> None:
